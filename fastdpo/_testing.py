@@ -1,0 +1,86 @@
+"""Shared by tests and benchmarks: input factories and the one tolerance table.
+
+Pass criterion (three-way, as flash-attention's tests do): float64 is truth, the naive PyTorch computation
+in float32 on the same inputs (gradients rounded to the logits' dtype) is the baseline, and a result passes
+when its error is at most ``2 * baseline_error + TOLERANCE[dtype]``. Errors are relative to the largest
+magnitude of the truth, so one table serves log-probs (tens of nats) and gradients (below 1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Extra error allowed beyond twice the baseline's, relative to max |truth|. float32 math everywhere, so the
+# slack only covers summation order; the final rounding to the storage dtype is already in the baseline.
+TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.bfloat16: 1e-6,
+    torch.float16: 1e-6,
+}
+
+
+def downcast_slack(dtype: torch.dtype, triton_path: bool) -> float:
+    """Extra tolerance for a bfloat16 result stored by an interpreted Triton kernel.
+
+    Triton's interpreter (3.9) converts float32 to bfloat16 by truncation and ignores
+    ``fp_downcast_rounding="rtne"``; GPUs round to nearest even. So an interpreted store can sit one bf16 ulp
+    (2^-7 relative) from the truth where the GPU and the baseline sit half an ulp away.
+    """
+    interpreted = triton_path and os.environ.get("TRITON_INTERPRET") == "1"
+    return 2.0**-7 if interpreted and dtype == torch.bfloat16 else 0.0
+
+
+def make_logits(N: int, T: int, V: int, dtype: torch.dtype, device, *, scale: float = 3.0) -> torch.Tensor:
+    """Random logits ``[N, T, V]`` (fresh draw from the current RNG), exactly representable in ``dtype``."""
+    return (torch.randn(N, T, V, device=device) * scale).to(dtype)
+
+
+def make_labels(
+    N: int, T: int, V: int, device, *, prompt_frac: float = 0.3, ignore_index: int = -100
+) -> torch.Tensor:
+    """Random labels ``[N, T]`` with a random-length ignored prompt at the start of each row."""
+    labels = torch.randint(0, V, (N, T), device=device)
+    prompt_len = (torch.rand(N, device=device) * prompt_frac * T).long()
+    positions = torch.arange(T, device=device)
+    return labels.masked_fill(positions < prompt_len[:, None], ignore_index)
+
+
+def relative_error(actual: torch.Tensor, truth: torch.Tensor, scale: float = 0.0) -> tuple[float, int]:
+    """(max |actual - truth| / max(max |truth|, scale), flat index of the worst element)."""
+    diff = (actual.double() - truth.double()).abs().flatten()
+    if diff.numel() == 0:
+        return 0.0, -1
+    diff = torch.where(torch.isnan(diff), torch.inf, diff)
+    worst = int(diff.argmax())
+    return float(diff[worst]) / max(float(truth.detach().double().abs().max()), scale, 1e-30), worst
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor,
+    truth: torch.Tensor,
+    baseline: torch.Tensor,
+    dtype: torch.dtype,
+    name: str,
+    *,
+    slack: float = 0.0,
+    scale: float = 0.0,
+) -> float:
+    """Assert the three-way criterion above; the failure message names the worst element. Returns the error.
+
+    ``scale`` sets a floor on the magnitude errors are relative to, for quantities computed with cancellation
+    (a reward margin is a small difference of large log-probs: its error scales with the log-probs).
+    """
+    assert actual.shape == truth.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    err, worst = relative_error(actual, truth, scale)
+    base_err, _ = relative_error(baseline, truth, scale)
+    bound = 2 * base_err + TOLERANCE[dtype] + slack
+    if not err <= bound:
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), actual.shape))
+        raise AssertionError(
+            f"{name} ({dtype}): relative error {err:.3e} > bound {bound:.3e} (baseline {base_err:.3e}); "
+            f"worst at {idx}: got {actual[idx].item()!r}, expected {truth[idx].item()!r}"
+        )
+    return err

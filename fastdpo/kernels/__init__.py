@@ -1,0 +1,1 @@
+"""Triton kernels (``@triton.jit`` functions and their launchers) and their launch heuristics only."""

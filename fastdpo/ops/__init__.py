@@ -1,0 +1,1 @@
+"""Autograd and torch.library layer: one module per op."""

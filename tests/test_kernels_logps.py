@@ -1,0 +1,140 @@
+"""Launcher-level tests of the log-prob op: the Triton kernels (interpreted on CPU) and the chunked PyTorch
+path share one contract, so every case runs on both against the float64 reference."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fastdpo import chunked, reference
+from fastdpo._testing import assert_close_to_reference, downcast_slack, make_labels, make_logits
+from fastdpo.kernels import logps as triton_logps
+
+IGNORE = -100
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    N: int
+    T: int
+    V: int
+    shift: bool = True
+    block_v: int | None = None  # forced Triton block size, to get several blocks and a partial tail
+    temperature: float = 1.0
+    special: str = ""
+
+
+CASES = [
+    Case("tiny-vocab-V7", 3, 5, 7),
+    Case("partial-tail-V1000-block256", 2, 6, 1000, block_v=256),
+    Case("default-block-tail-of-1-V4097", 2, 3, 4097),
+    Case("T1-no-shift", 4, 1, 300, shift=False),
+    Case("T2-shift", 4, 2, 300),
+    Case("temperature-0.7", 2, 5, 500, block_v=128, temperature=0.7),
+    Case("label-in-last-block", 2, 5, 1000, block_v=256, special="last_block_labels"),
+    Case("+-20-shift-across-blocks", 2, 5, 1000, block_v=256, special="block_shift"),
+    Case("all-ignored-row", 3, 6, 300, special="ignored_row"),
+    Case("non-contiguous-view", 2, 5, 700, block_v=256, special="view"),
+]
+
+
+def _inputs(case: Case, dtype, device):
+    N, T, V = case.N, case.T, case.V
+    if case.special == "view":
+        # A slice along T of a bigger buffer whose vocab is also narrowed: strides (T'*V', V', 1) with V' > V.
+        big = make_logits(N, T + 2, V + 37, dtype, device)
+        logits = big[:, 1 : T + 1].narrow(-1, 5, V)
+        assert not logits.is_contiguous()
+    else:
+        logits = make_logits(N, T, V, dtype, device)
+    if case.special == "block_shift":
+        offsets = torch.where(torch.arange(V, device=device) < 256, 20.0, -20.0)
+        logits = (logits.float() + offsets).to(dtype)
+    labels = make_labels(N, T, V, device)
+    if case.special == "last_block_labels":
+        labels = torch.where(labels == IGNORE, labels, V - 1 - labels % 7)
+    if case.special == "ignored_row":
+        labels[1] = IGNORE
+    return logits, labels
+
+
+def _run(impl, case, logits, labels, grad_logp):
+    kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
+    if impl is triton_logps:
+        kw["block_v"] = case.block_v
+    logp, lse = impl.logps_fwd(logits, labels, **kw)
+    grad = impl.logps_bwd(logits, labels, lse, grad_logp, **kw)
+    return logp, lse, grad
+
+
+def _reference(logits, labels, grad_logp, case, compute_dtype, grad_dtype):
+    x = logits.detach().to(compute_dtype).requires_grad_()
+    logp = reference.token_logps(x, labels, ignore_index=IGNORE, shift=case.shift, temperature=case.temperature)
+    (grad,) = torch.autograd.grad(logp, x, grad_logp.to(compute_dtype))
+    return logp.detach(), grad.to(grad_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
+def test_logps_matches_float64_reference(impl, case, dtype, device):
+    logits, labels = _inputs(case, dtype, device)
+    T_rows = case.T - int(case.shift)
+    grad_logp = torch.randn(case.N, T_rows, device=device)
+
+    logp, lse, grad = _run(impl, case, logits, labels, grad_logp)
+    truth_logp, truth_grad = _reference(logits, labels, grad_logp, case, torch.float64, torch.float64)
+    base_logp, base_grad = _reference(logits, labels, grad_logp, case, torch.float32, dtype)
+
+    assert logp.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
+    assert_close_to_reference(logp, truth_logp, base_logp, dtype, "logp")
+    slack = downcast_slack(dtype, triton_path=impl is triton_logps)
+    assert_close_to_reference(grad, truth_grad, base_grad, dtype, "grad", slack=slack)
+
+    scored = (labels[:, int(case.shift):] != IGNORE)
+    z = logits[:, :T_rows].double() / case.temperature
+    truth_lse = torch.where(scored, torch.logsumexp(z, -1), 0.0)
+    assert_close_to_reference(lse, truth_lse, truth_lse.float(), dtype, "lse")
+    # Unscored rows (ignored labels, and the last position when shifted) are exactly zero.
+    unscored = torch.ones(case.N, case.T, dtype=torch.bool, device=device)
+    unscored[:, :T_rows] = ~scored
+    assert torch.all(grad[unscored] == 0)
+    assert torch.all(logp[~scored] == 0)
+
+
+@pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
+def test_inplace_backward_overwrites_the_logits_view(impl, device):
+    case = Case("inplace", 2, 5, 700, block_v=256)
+    big = make_logits(2, 7, 701, torch.bfloat16, device)
+    logits = big[:, 1:6, :700]
+    labels = make_labels(2, 5, 700, device)
+    grad_logp = torch.randn(2, 4, device=device)
+    _, expected_lse, expected = _run(impl, case, logits.clone(), labels, grad_logp)
+    untouched = big.clone()
+
+    kw = dict(shift=True, ignore_index=IGNORE, temperature=1.0)
+    grad = impl.logps_bwd(logits, labels, expected_lse, grad_logp, inplace=True, **kw)
+
+    assert grad.data_ptr() == logits.data_ptr() and grad.stride() == logits.stride()
+    assert torch.equal(grad, expected)
+    # Everything outside the view is left alone.
+    outside = torch.ones_like(big, dtype=torch.bool)
+    outside[:, 1:6, :700] = False
+    assert torch.equal(big[outside], untouched[outside])
+
+
+def test_out_of_vocab_label_gives_nan_not_a_read(device):
+    logits = make_logits(1, 3, 50, torch.float32, device)
+    labels = torch.tensor([[0, 50, 3]], device=device)
+    for impl in (triton_logps, chunked):
+        logp, _ = impl.logps_fwd(logits, labels, shift=True, ignore_index=IGNORE, temperature=1.0)
+        assert torch.isnan(logp[0, 0]) and torch.isfinite(logp[0, 1])
+
+
+def test_launcher_rejects_bad_layout(device):
+    logits = make_logits(2, 4, 8, torch.float32, device).transpose(1, 2)
+    with pytest.raises(ValueError, match="unit-stride"):
+        triton_logps.logps_fwd(logits, torch.zeros(2, 8, dtype=torch.long), shift=True, ignore_index=IGNORE,
+                               temperature=1.0)
