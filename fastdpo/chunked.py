@@ -46,18 +46,20 @@ def logps_fwd(
     T_rows = T - int(shift)
     out_dtype = _compute_dtype(logits.dtype)
     logp = torch.zeros((N, T_rows), dtype=out_dtype, device=logits.device)
-    lse = torch.zeros((N, T_rows), dtype=out_dtype, device=logits.device)
+    lse = torch.zeros((2, N, T_rows), dtype=out_dtype, device=logits.device)  # (row max, log rescaled sum)
     row_labels = _row_labels(labels, shift, T, ignore_index)[:, :T_rows]
     for ns, ts in _chunks(N, T_rows, V):
         y = row_labels[ns, ts]
         scored = y != ignore_index
         z = logits[ns, ts].to(out_dtype) / temperature
-        chunk_lse = torch.logsumexp(z, dim=-1)
+        row_max = z.amax(-1).nan_to_num(neginf=0.0)  # an all -inf row keeps max 0, as in the kernel
         in_vocab = (y >= 0) & (y < V)
         z_label = z.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
         z_label = torch.where(in_vocab, z_label, torch.nan)  # out-of-vocabulary label: nan, never a wrong value
-        logp[ns, ts] = torch.where(scored, z_label - chunk_lse, 0.0)
-        lse[ns, ts] = torch.where(scored, chunk_lse, 0.0)
+        log_norm = z.sub_(row_max.unsqueeze(-1)).exp_().sum(-1).log_()
+        logp[ns, ts] = torch.where(scored, (z_label - row_max) - log_norm, 0.0)
+        lse[0, ns, ts] = torch.where(scored, row_max, 0.0)
+        lse[1, ns, ts] = torch.where(scored, log_norm, 0.0)
     return logp, lse
 
 
@@ -78,7 +80,7 @@ def logps_bwd(
     work_dtype = _compute_dtype(logits.dtype)
     row_labels = _row_labels(labels, shift, T, ignore_index)
     pad = (0, int(shift))  # the last row has no lse / grad entry when shifted
-    lse_rows = torch.nn.functional.pad(lse.to(work_dtype), pad)
+    max_rows, log_norm_rows = torch.nn.functional.pad(lse.to(work_dtype), pad)
     grad_rows = torch.nn.functional.pad(grad_logp.to(work_dtype), pad)
     for ns, ts in _chunks(N, T, V):
         y = row_labels[ns, ts]
@@ -86,7 +88,8 @@ def logps_bwd(
         coef = torch.where(scored, grad_rows[ns, ts], 0.0) / temperature
         z = logits[ns, ts].to(work_dtype) / temperature
         # dz = coef * (onehot(y) - softmax(z)), built in place on the chunk's working copy
-        dz = z.sub_(lse_rows[ns, ts].unsqueeze(-1)).exp_().mul_(-coef.unsqueeze(-1))
+        z.sub_(max_rows[ns, ts].unsqueeze(-1)).sub_(log_norm_rows[ns, ts].unsqueeze(-1))
+        dz = z.exp_().mul_(-coef.unsqueeze(-1))
         hit = scored & (y >= 0) & (y < V)
         dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), torch.where(hit, coef, 0.0).unsqueeze(-1))
         grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # exp(z - 0) may overflow on unscored rows

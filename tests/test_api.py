@@ -44,7 +44,7 @@ def test_dpo_loss_matches_reference(backend, loss_type, beta, eps, dtype, device
     base, base_grad = _loss_and_grads(reference.dpo_loss, logits.float(), labels, ref_c, ref_r, **kw)
 
     # Rewards, margins and the loss are differences of log-probs: errors relative to beta * |log-probs|.
-    scale = beta * float(torch.cat([truth.chosen_logps, truth.rejected_logps]).abs().max())
+    scale = beta * float(torch.cat([truth.chosen_logps, truth.rejected_logps]).detach().abs().max())
     for field in fastdpo.DPOOutput._fields:
         got, want, baseline = getattr(out, field), getattr(truth, field), getattr(base, field)
         assert_close_to_reference(got.detach(), want.detach(), baseline.detach(), dtype, field, scale=scale)

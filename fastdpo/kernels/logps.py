@@ -2,10 +2,14 @@
 
 Maths, per scored row r = (n, t) with label y = labels[n, t + SHIFT] and z = logits[n, t, :] / temperature:
 
-    lse[r]  = log sum_v exp(z[v])                    (online, one read of the row in BLOCK_V chunks:
-                                                      m' = max(m, max_b z); l' = l e^(m - m') + sum_b e^(z - m'))
-    logp[r] = z[y] - lse[r]
-    dlogits[n, t, v] = g[r] / temperature * (1[v = y] - exp(z[v] - lse[r]))
+    lse[r]  = m + log l,  m = max_v z[v],  l = sum_v exp(z[v] - m)    (online, one read of the row in
+              BLOCK_V chunks: m' = max(m, max_b z); l' = l e^(m - m') + sum_b e^(z - m'))
+    logp[r] = (z[y] - m) - log l
+    dlogits[n, t, v] = g[r] / temperature * (1[v = y] - exp((z[v] - m) - log l))
+
+The log-sum-exp is kept as the pair (m, log l), not rounded to one float: z - m is exact for the logits that
+carry the probability mass, so log-probs and softmax keep full float32 precision however large the logits
+(rounding m + log l to float32 at |z| ~ 1e4 would cost 5e-4 relative in every softmax value).
 
 Rows whose label is ``ignore_index`` (and, with SHIFT=1, the last position of each sequence, which has no
 next token) are unscored: logp = 0, lse = 0, gradient 0, and the forward does not read them.
@@ -64,6 +68,7 @@ def _logps_fwd_kernel(
     stride_labels_t,
     T,
     T_rows,
+    n_rows,
     V,
     ignore_index,
     inv_temperature,
@@ -79,6 +84,7 @@ def _logps_fwd_kernel(
     if not scored:
         tl.store(logp_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
+        tl.store(lse_ptr + n_rows + row, 0.0)
         return
 
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
@@ -89,12 +95,14 @@ def _logps_fwd_kernel(
         mask_v = start + offs_v < V
         z = tl.load(row_ptr + start + offs_v, mask=mask_v, other=float("-inf")).to(tl.float32) * inv_temperature
         m_i, l_i = _online_lse_update(m_i, l_i, z)
-    lse = m_i + tl.log(l_i)
+    m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
+    log_l = tl.log(l_i)
 
     # One extra element read; an out-of-vocabulary label is never dereferenced and yields nan, not garbage.
     z_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32) * inv_temperature
-    tl.store(logp_ptr + row, z_label - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, (z_label - m_i) - log_l)
+    tl.store(lse_ptr + row, m_i)
+    tl.store(lse_ptr + n_rows + row, log_l)
 
 
 @triton.jit
@@ -114,6 +122,7 @@ def _logps_bwd_kernel(
     stride_grad_t,
     T,
     T_rows,
+    n_rows,
     V,
     ignore_index,
     inv_temperature,
@@ -127,7 +136,8 @@ def _logps_bwd_kernel(
         labels_ptr, n, t + SHIFT, stride_labels_n, stride_labels_t, T, V, ignore_index
     )
     g = tl.load(grad_logp_ptr + n * stride_grad_logp_n + t * stride_grad_logp_t, mask=scored, other=0.0)
-    lse = tl.load(lse_ptr + n * T_rows + t, mask=scored, other=0.0)
+    m_i = tl.load(lse_ptr + n * T_rows + t, mask=scored, other=0.0)
+    log_l = tl.load(lse_ptr + n_rows + n * T_rows + t, mask=scored, other=0.0)
     coef = g.to(tl.float32) * inv_temperature
 
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
@@ -138,7 +148,7 @@ def _logps_bwd_kernel(
         offs = start + offs_v
         mask_v = offs < V
         z = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(tl.float32) * inv_temperature
-        p = tl.exp(z - lse)
+        p = tl.exp((z - m_i) - log_l)
         dz = coef * (tl.where(offs == label, 1.0, 0.0) - p)
         dz = tl.where(scored, dz, 0.0)
         tl.store(grad_row_ptr + offs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask_v)
@@ -175,14 +185,15 @@ def logps_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and log-sum-exps.
 
-    logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]`` -> (logp, lse), each ``[N, T - shift]`` float32,
-    0 on unscored rows.
+    logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]`` -> logp ``[N, T - shift]`` and
+    lse ``[2, N, T - shift]`` (row max and log of the rescaled sum; ``lse.sum(0)`` is the log-sum-exp),
+    float32, 0 on unscored rows.
     """
     _check_launch_args(logits, labels)
     N, T, V = logits.shape
     T_rows = T - int(shift)
     logp = torch.empty((N, T_rows), dtype=torch.float32, device=logits.device)
-    lse = torch.empty((N, T_rows), dtype=torch.float32, device=logits.device)
+    lse = torch.empty((2, N, T_rows), dtype=torch.float32, device=logits.device)
     if N * T_rows == 0:
         return logp, lse
     cfg = logps_config(V, block_v)
@@ -190,7 +201,7 @@ def logps_fwd(
         _logps_fwd_kernel[(N * T_rows,)](
             logits, labels, logp, lse,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
-            T, T_rows, V, ignore_index, 1.0 / temperature,
+            T, T_rows, N * T_rows, V, ignore_index, 1.0 / temperature,
             SHIFT=int(shift), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
     return logp, lse
@@ -225,7 +236,7 @@ def logps_bwd(
             logits, labels, lse, grad_logp, grad,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
             grad_logp.stride(0), grad_logp.stride(1), grad.stride(0), grad.stride(1),
-            T, T - int(shift), V, ignore_index, 1.0 / temperature,
+            T, T - int(shift), N * (T - int(shift)), V, ignore_index, 1.0 / temperature,
             SHIFT=int(shift), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
     return grad

@@ -1,0 +1,151 @@
+"""Compile every log-prob Triton kernel for real GPU targets, with no GPU present, and report resource usage.
+
+    python -m fastdpo.kernels.compile_check [--json PATH]
+
+Why: CPU tests run the kernels under ``TRITON_INTERPRET=1``, which never reaches the GPU compiler, so a kernel that
+fails to lower or starts spilling registers would only show up on a GPU. This compiles each (kernel, dtype, sm_80 /
+sm_90, BLOCK_V and num_warps from ``logps_config``) with Triton's own pipeline and bundled ptxas, then reads the very
+cubin Triton built with its bundled ``cuobjdump --dump-resource-usage``. That is preferred to re-running ``ptxas -v``
+on the PTX, which would have to copy Triton's ptxas choice and flags (ptxas vs ptxas-blackwell, --regAllocOptLevel),
+and those change between releases. Spilled registers live in the stack frame: forcing a spill (.maxnreg 24) gave
+``STACK:88 LOCAL:0`` where ``ptxas -v`` said 84/96 bytes spill stores/loads, so spill = STACK + LOCAL (these
+kernels have no local arrays or calls). Exit status: 0 ok, 1 a compile failure, 2 a spill (a regression here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its default anyway
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastdpo.kernels.heuristics import logps_config  # noqa: E402
+
+CAPABILITIES = (80, 90)  # A100, H100 (Triton emits sm_90a for 90)
+VOCABS = (1000, 32000, 128256, 256000)
+DTYPES = ("bf16", "fp16", "fp32")  # of logits and grad_logits; labels are int64, logp/lse/grad_logp fp32
+# Argument conventions: the one place kernel arguments get types. An argument that matches none raises, so a new one
+# is added here knowingly instead of being compiled with a wrong type. The JIT types a Python int by value (i32 if it
+# fits, else i64); strides are checked as i64, the specialisation large tensors get (N * T * V passes 2^31).
+FLOAT_ARGS = {"inv_temperature"}
+INT_ARGS = {"T", "T_rows", "n_rows", "V", "ignore_index"}
+CONSTEXPRS = {"SHIFT": lambda cfg: 1, "BLOCK_V": lambda cfg: cfg.block_v}
+
+
+def arg_type(name: str, dtype: str) -> str:
+    if name.endswith("_ptr"):
+        return "*" + (dtype if "logits" in name else "i64" if "label" in name else "fp32")
+    if name.startswith("stride_"):
+        return "i64"
+    if name in FLOAT_ARGS or name in INT_ARGS:
+        return "fp32" if name in FLOAT_ARGS else "i32"
+    raise KeyError(f"compile_check: no type convention for kernel argument {name!r}; add it to FLOAT_ARGS/INT_ARGS")
+
+
+def make_source(kernel, dtype: str, cfg, aligned: bool) -> ASTSource:
+    """The launch the JIT specialises: 16-byte aligned tensors (fresh torch allocations) and, when V % 16 == 0,
+    strides and V multiples of 16 (contiguous rows), which is what lets the row loads vectorise."""
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            if p.name not in CONSTEXPRS:
+                raise KeyError(f"compile_check: no value for constexpr {p.name!r}; add it to CONSTEXPRS")
+            sig[p.name], consts[p.name] = "constexpr", CONSTEXPRS[p.name](cfg)
+            continue
+        sig[p.name] = arg_type(p.name, dtype)
+        if p.name.endswith("_ptr") or (aligned and (p.name == "V" or p.name.startswith("stride_"))):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    try:  # Triton >= 3.3 maps constexpr names to argument paths itself
+        return ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
+    except (AssertionError, TypeError, ValueError):  # otherwise key them by path, (index,)
+        return ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
+                         attrs=attrs)  # fmt: skip
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    try:
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    except AttributeError:  # Triton without knobs: the binary ships in the same place
+        cuobjdump = str(Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.cubin").write_bytes(cubin)
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+    if len(fields) != 4:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{out}")
+    return fields
+
+
+def check(kernels) -> list[dict]:
+    configs: dict = {}  # (LogpsConfig, aligned) -> the vocab sizes that launch it
+    for V in VOCABS:
+        configs.setdefault((logps_config(V), V % 16 == 0), []).append(V)
+    rows = []
+    for kernel in kernels:
+        for dtype in DTYPES:
+            for cc in CAPABILITIES:
+                for (cfg, aligned), vocabs in configs.items():
+                    row = {"kernel": kernel.__name__, "dtype": dtype, "target": f"sm_{cc}", "BLOCK_V": cfg.block_v,
+                           "num_warps": cfg.num_warps, "aligned16": aligned, "V": vocabs, "registers": None,
+                           "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None, "error": None}
+                    try:
+                        src = make_source(kernel, dtype, cfg, aligned)
+                        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
+                        use = resource_usage(k.asm["cubin"])
+                        row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
+                        row.update(registers=use["REG"], shared_bytes=k.metadata.shared,
+                                   static_shared_bytes=use["SHARED"], spill_bytes=use["STACK"] + use["LOCAL"])
+                    except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
+                        row["error"] = f"{type(e).__name__}: {e}"
+                    rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    from fastdpo.kernels import logps
+
+    kernels = (logps._logps_fwd_kernel, logps._logps_bwd_kernel)
+    if not all(isinstance(k, triton.runtime.JITFunction) for k in kernels):
+        sys.exit("compile_check: the kernels were built for the interpreter (TRITON_INTERPRET=1); run without it")
+    rows = check(kernels)
+    head = ("kernel", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
+            "static_shared_bytes", "spill_bytes")  # fmt: skip
+    cell = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731
+    table = [head] + [[cell(r[h]) for h in head] for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    for t in table:
+        print("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    failed, spilled = [r for r in rows if r["error"]], [r for r in rows if r["spill_bytes"]]
+    for r in failed + spilled:
+        what = f"{r['kernel']} {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
+        if r["error"]:
+            print(f"COMPILE FAILURE: {what}: {r['error']}", file=sys.stderr)
+        else:
+            print(f"REGISTER SPILL (a regression for these kernels): {what} spills {r['spill_bytes']} bytes to "
+                  "local memory; lower BLOCK_V or raise num_warps in heuristics.py", file=sys.stderr)  # fmt: skip
+    return 1 if failed else 2 if spilled else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no"):
+        # Importing fastdpo already decorated the kernels for the interpreter: start over without the variable.
+        print("compile_check: re-running without TRITON_INTERPRET (it needs compiled kernels)", file=sys.stderr)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        os.execve(sys.executable, [sys.executable, "-m", "fastdpo.kernels.compile_check", *sys.argv[1:]], env)
+    sys.exit(main())
