@@ -1,14 +1,23 @@
 """Argument checks shared by ``fastdpo.functional`` and ``fastdpo.reference``, so both reject the same inputs
-with the same message: each error names the argument, what was expected and what was received."""
+with the same message: each error names the argument, what was expected and what was received.
+
+Label values are checked against ``[0, V)`` where that costs no host sync: always for CPU tensors, and for
+CUDA tensors only with ``FASTDPO_CHECK_LABELS=1`` (a debugging switch; it synchronises). Unchecked, an
+out-of-range label is never dereferenced: its token's log-prob is NaN, so the loss is NaN, not silently wrong.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, temperature: float) -> None:
+def check_logits_labels(
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, temperature: float, ignore_index: int
+) -> None:
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}"
@@ -33,8 +42,24 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, *, shift: bo
         raise ValueError(f"labels must have shape (N, T) = {(N, T)} to match logits, got {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_label_values(labels, V, ignore_index, first_scored=int(shift))
+
+
+def check_label_values(labels: torch.Tensor, V: int, ignore_index: int, first_scored: int) -> None:
+    """Raise if a scored label (``labels[:, first_scored:]``) is neither ``ignore_index`` nor a vocab id, where
+    that needs no host sync (see above)."""
+    if labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS") != "1":
+        return
+    scored = labels[:, first_scored:]
+    bad = (scored != ignore_index) & ((scored < 0) | (scored >= V))
+    if bad.any():
+        n, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"labels must be in [0, V) = [0, {V}) or equal ignore_index={ignore_index} where scored; "
+            f"got {int(scored[n, t])} at labels[{n}, {t + first_scored}]"
+        )
 
 
 def check_pairs(N: int) -> int:

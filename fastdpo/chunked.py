@@ -52,7 +52,8 @@ def logps_fwd(
         y = row_labels[ns, ts]
         scored = y != ignore_index
         z = logits[ns, ts].to(out_dtype) / temperature
-        row_max = z.amax(-1).nan_to_num(neginf=0.0)  # an all -inf row keeps max 0, as in the kernel
+        row_max = z.amax(-1)
+        row_max = torch.where(row_max == -torch.inf, 0.0, row_max)  # an all -inf row keeps max 0, as in the kernel
         in_vocab = (y >= 0) & (y < V)
         z_label = z.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
         z_label = torch.where(in_vocab, z_label, torch.nan)  # out-of-vocabulary label: nan, never a wrong value

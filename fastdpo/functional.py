@@ -41,7 +41,9 @@ def sequence_logps(
     logits ``[N, T, V]`` float16/bfloat16/float32/float64, labels ``[N, T]`` integer ->
     ``[N]`` float32 (float64 for float64 logits). A sequence with no scored token gives 0.
     """
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature)
+    _validation.check_logits_labels(
+        logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index
+    )
     options = LogpsOptions(
         shift=shift, ignore_index=ignore_index, temperature=float(temperature), inplace_backward=inplace_backward
     )
@@ -80,7 +82,7 @@ def dpo_loss(
     log-probs, e.g. precomputed by ``sequence_logps`` under ``torch.no_grad()``), or ``reference_free=True``.
     Returns a ``DPOOutput``; see ``fastdpo.losses`` for the loss formulas.
     """
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0)
+    _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index)
     check_loss_options(loss_type, beta, label_smoothing)
     B = _validation.check_pairs(logits.shape[0])
     _validation.check_reference_logps("ref_chosen_logps", ref_chosen_logps, B, logits.device)

@@ -19,7 +19,9 @@ def token_logps(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """``[N, T - shift]`` label log-probs in the logits' dtype, 0 where the label is ``ignore_index``."""
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature)
+    _validation.check_logits_labels(
+        logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index
+    )
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     logprobs = (logits / temperature).log_softmax(-1)
@@ -47,7 +49,7 @@ def dpo_loss(
     inplace_backward: bool = False,
 ) -> DPOOutput:
     """Same contract as ``fastdpo.dpo_loss``."""
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0)
+    _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index)
     check_loss_options(loss_type, beta, label_smoothing)
     B = _validation.check_pairs(logits.shape[0])
     _validation.check_reference_logps("ref_chosen_logps", ref_chosen_logps, B, logits.device)
