@@ -1,0 +1,14 @@
+"""pytest setup for benchmarks/: collect ``bench_*.py`` as test modules.
+
+The project's pytest settings collect ``test_*.py`` only (and from tests/ when no path is given); this hook adds
+the benchmark files when ``benchmarks/`` is named, without a pyproject change. The helper modules (run.py,
+providers.py, ...) match neither pattern and are never collected.
+"""
+
+import pytest
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None

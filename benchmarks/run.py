@@ -1,0 +1,215 @@
+"""Sweep the log-prob implementations over sizes; print a table; write JSON, CSV and PNG plots.
+
+    python -m benchmarks.run --quick          # small sizes, any machine (CPU: eager and fastdpo's PyTorch path)
+    python -m benchmarks.run                  # the full sweep of benchmarks/shapes.py, on a GPU
+
+For each size the floor is measured first, on the same device (``timing.measure_floor``); then each available
+implementation, in each mode, is checked against the float64 reference on a slice and, only if it passes,
+timed and its peak memory taken. Rows go to ``<out>/<device-slug>.json`` and ``.csv`` after every size, merged
+into what an earlier run left there (a row is replaced when impl, mode, N, V and dtype match), so a sweep
+split over several commands builds one file. Columns are described in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from benchmarks import plots, providers, shapes, timing
+from benchmarks.traffic import MODES, bytes_moved
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROW_KEY = ("impl", "mode", "N", "V", "dtype")
+TABLE_COLUMNS = ("impl", "mode", "N", "V", "dtype", "ms_p50", "gbps", "floor_fraction", "peak_extra_mb", "status")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes that a CPU sweeps in under a minute")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON, CSV and PNG files")
+    p.add_argument("--impl", nargs="+", choices=providers.NAMES, help="implementations to run (default: all available)")
+    p.add_argument("--N", nargs="+", type=int, help="scored tokens per call (default: the sweep's)")
+    p.add_argument("--V", nargs="+", type=int, help="vocabulary sizes (default: the sweep's)")
+    p.add_argument("--dtype", nargs="+", choices=list(shapes.DTYPES), help="logits dtypes (default: the sweep's)")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--fresh", action="store_true", help="replace the results file instead of merging into it")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """(HEAD's sha, whether tracked files differ from it), or (None, None) outside a git checkout."""
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], cwd=RESULTS_DIR.parent, capture_output=True, text=True, timeout=30, check=False
+        )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if head.returncode:
+        return None, None
+    return head.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def device_slug(name: str, device: torch.device) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug if device.type == "cuda" else f"cpu-{slug}"
+
+
+class _Counter:
+    """Stand-in for tqdm when it is not installed: prints one line per case."""
+
+    def __init__(self, total: int):
+        self.total, self.n = total, 0
+
+    def set_postfix_str(self, text: str) -> None:
+        self.text = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        print(f"[{self.n}/{self.total}] {self.text}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Counter(total)
+    return tqdm(total=total, unit="case", dynamic_ncols=True)
+
+
+def measure_case(provider, mode, size, inputs, floor, device) -> dict:
+    """One row: check accuracy, then (only if it passed) time the call and take its peak memory."""
+    S, T = size.layout()
+    row = {"impl": provider.name, "mode": mode, "N": size.N, "V": size.V, "dtype": size.dtype, "S": S, "T": T}
+    floor_bytes = bytes_moved("floor", mode, size.N, size.V, size.torch_dtype)
+    row |= {"floor_bytes": floor_bytes, "floor_ms": floor.ms(mode), "floor_read_gbps": floor.read_gbps}
+    row |= {"floor_copy_gbps": floor.copy_gbps, "note": provider.note}
+    try:
+        err, grad_err = providers.check_accuracy(provider, mode, *inputs)
+    except AssertionError as exc:
+        return row | {"status": "failed", "note": f"accuracy check failed, not timed: {exc}"}
+
+    def call():
+        return providers.run(provider, mode, *inputs)
+
+    t = timing.bench(call, device)
+    nbytes = bytes_moved(provider.name, mode, size.N, size.V, size.torch_dtype)
+    return row | {
+        "status": "ok", "ms_p50": t.p50, "ms_p20": t.p20, "ms_p80": t.p80, "reps": t.reps,
+        "bytes": nbytes, "gbps": nbytes / t.p50 / 1e6, "effective_gbps": floor_bytes / t.p50 / 1e6,
+        "floor_fraction": floor.ms(mode) / t.p50, "peak_extra_mb": timing.peak_extra_mb(call, device),
+        "err_logps": err, "err_grad": grad_err,
+    }  # fmt: skip
+
+
+def guarded_case(*args) -> dict:
+    """``measure_case``, with out-of-memory and any other error turned into a row, memory released after."""
+    provider, mode, size = args[:3]
+    try:
+        return measure_case(*args)
+    except torch.cuda.OutOfMemoryError:
+        row = {"status": "oom", "note": "out of memory"}
+    except Exception as exc:  # one broken implementation must not end the sweep; its row says why
+        row = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"impl": provider.name, "mode": mode, "N": size.N, "V": size.V, "dtype": size.dtype} | row
+
+
+def write_results(rows: list[dict], unavailable: dict, out: Path, slug: str, fresh: bool) -> list[dict]:
+    """Merge ``rows`` into ``<out>/<slug>.json`` (unless ``fresh``), write it and the CSV; return all rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{slug}.json"
+    merged = {}
+    if path.exists() and not fresh:
+        merged = {tuple(r[k] for k in ROW_KEY): r for r in json.loads(path.read_text())["rows"]}
+    merged |= {tuple(r[k] for k in ROW_KEY): r for r in rows}
+    all_rows = list(merged.values())
+    path.write_text(json.dumps({"rows": all_rows, "unavailable": unavailable}, indent=1) + "\n")
+    fields = list(dict.fromkeys(k for r in all_rows for k in r))
+    with open(out / f"{slug}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(all_rows)
+    return all_rows
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    cells = [TABLE_COLUMNS] + [tuple(cell(r.get(c)) for c in TABLE_COLUMNS) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        timing.keep_freed_memory()
+    torch.manual_seed(0)
+    sizes = shapes.sweep(args.quick, args.N, args.V, args.dtype)
+    everything = providers.get_providers(device)
+    chosen = [everything[name] for name in (args.impl or everything)]
+    unavailable = {p.name: p.unavailable for p in chosen if p.unavailable}
+    runnable = [p for p in chosen if not p.unavailable]
+    for name, reason in unavailable.items():
+        print(f"skipping {name}: {reason}")
+
+    name = timing.device_name(device)
+    slug = device_slug(name, device)
+    commit, dirty = git_commit()
+    common = {
+        "device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
+        "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
+    }  # fmt: skip
+    rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
+    for size in sizes:
+        floor = timing.measure_floor(size.N * size.V, size.torch_dtype, device)
+        inputs = shapes.make_inputs(size, device)
+        for provider in runnable:
+            for mode in args.mode:
+                bar.set_postfix_str(f"{provider.name} {mode} N={size.N} V={size.V} {size.dtype}")
+                rows.append(guarded_case(provider, mode, size, inputs, floor, device) | common)
+                if provider.clobbers_logits:
+                    inputs[0].normal_(std=shapes.LOGIT_SCALE)
+                bar.update()
+        del inputs
+        all_rows = write_results(rows, unavailable, args.out, slug, args.fresh)  # a killed sweep keeps its rows
+    bar.close()
+    print(format_table(rows))
+    for row in rows:
+        if row["status"] in ("failed", "error"):
+            print(f"{row['impl']} {row['mode']} N={row['N']} V={row['V']}: {row['status']}: {row['note']}")
+    print(f"results: {args.out / (slug + '.json')} and .csv ({len(all_rows)} rows)")
+    if not args.no_plots:
+        print(plots.plot_all(all_rows, args.out, slug))
+    return 1 if any(r["status"] in ("failed", "error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

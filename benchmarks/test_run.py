@@ -1,0 +1,95 @@
+"""Tests of the benchmark harness itself: the quick run's files and keys, merging, failure handling, byte model."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from benchmarks import providers, run, shapes, timing
+from benchmarks.traffic import MODES, bytes_moved
+
+CPU = torch.device("cpu")
+# The keys the issue requires of every timed row.
+REQUIRED = {
+    "impl", "mode", "N", "V", "dtype", "device", "ms_p50", "ms_p20", "ms_p80", "gbps", "floor_ms", "floor_fraction",
+    "peak_extra_mb", "torch", "triton", "git_commit", "command",
+}  # fmt: skip
+TINY = ["--quick", "--N", "256", "--V", "1000", "--no-plots"]
+
+
+def _results(out):
+    (path,) = out.glob("*.json")
+    return path, json.loads(path.read_text())
+
+
+def test_quick_run_writes_json_and_csv_with_every_key(tmp_path):
+    assert run.main([*TINY, "--impl", "eager", "fastdpo", "--out", str(tmp_path)]) == 0
+    path, data = _results(tmp_path)
+    rows = data["rows"]
+    assert sorted((r["impl"], r["mode"]) for r in rows) == sorted(
+        (impl, mode) for impl in ("eager", "fastdpo") for mode in MODES
+    )
+    for row in rows:
+        assert REQUIRED <= row.keys(), REQUIRED - row.keys()
+        assert row["status"] == "ok"
+        assert row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"]
+        assert row["floor_fraction"] == pytest.approx(row["floor_ms"] / row["ms_p50"])
+        assert "--impl eager fastdpo" in row["command"]
+    with open(path.with_suffix(".csv")) as f:
+        header = next(csv.reader(f))
+    assert REQUIRED <= set(header)
+
+
+def test_runs_merge_into_one_file_and_fresh_replaces_it(tmp_path):
+    run.main([*TINY, "--impl", "eager", "--mode", "fwd", "--out", str(tmp_path)])
+    run.main([*TINY, "--impl", "fastdpo", "--mode", "fwd", "--out", str(tmp_path)])
+    assert {r["impl"] for r in _results(tmp_path)[1]["rows"]} == {"eager", "fastdpo"}
+    run.main([*TINY, "--impl", "fastdpo", "--mode", "fwd", "--out", str(tmp_path), "--fresh"])
+    assert {r["impl"] for r in _results(tmp_path)[1]["rows"]} == {"fastdpo"}
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    run.main(["--quick", "--N", "256", "--V", "1000", "8000", "--impl", "eager", "--out", str(tmp_path)])
+    assert len(list(tmp_path.glob("*.png"))) == len(MODES)
+
+
+def test_a_wrong_provider_is_reported_failed_and_not_timed():
+    torch.manual_seed(0)
+    size = shapes.Size(256, 1000, "bfloat16")
+    inputs = shapes.make_inputs(size, CPU)
+    floor = timing.measure_floor(size.N * size.V, size.torch_dtype, CPU)
+    # A shift bug: each token scored against its neighbour's label.
+    shifted = providers.Provider("eager", lambda logits, labels: providers.eager(logits, labels.roll(1, dims=1)))
+    row = run.measure_case(shifted, "fwd_bwd", size, inputs, floor, CPU)
+    assert row["status"] == "failed" and "ms_p50" not in row
+    assert "accuracy check failed" in row["note"]
+
+
+def test_every_provider_is_listed_and_has_a_byte_model():
+    assert tuple(providers.get_providers(CPU)) == providers.NAMES
+    for name in providers.NAMES:
+        for mode in MODES:
+            floor = bytes_moved("floor", mode, 8, 1000, torch.bfloat16)
+            assert bytes_moved(name, mode, 8, 1000, torch.bfloat16) >= floor
+
+
+def test_byte_model_matches_the_pass_counts():
+    pass_bytes = 8192 * 128256 * 2  # one pass over bf16 logits
+    assert bytes_moved("floor", "fwd", 8192, 128256, torch.bfloat16) == pass_bytes
+    assert bytes_moved("fastdpo", "fwd_bwd", 8192, 128256, torch.bfloat16) == 3 * pass_bytes
+    assert bytes_moved("eager", "fwd_bwd", 8192, 128256, torch.bfloat16) == 18 * pass_bytes
+    assert bytes_moved("eager", "fwd_bwd", 8192, 128256, torch.float32) == 6 * 2 * pass_bytes
+
+
+def test_sizes_split_into_sequences():
+    assert shapes.Size(32768, 1000, "bfloat16").layout() == (32, shapes.SEQ_LEN)
+    assert shapes.Size(256, 1000, "bfloat16").layout() == (1, 256)
+    with pytest.raises(ValueError, match="multiple"):
+        shapes.sweep(quick=True, Ns=[1500])
+    full = shapes.sweep(quick=False)
+    assert len(full) == len(shapes.TOKENS) * len(shapes.VOCABS) + 1
+    assert full[-1] == shapes.Size(*shapes.FP32_POINT, "float32")
