@@ -1,9 +1,12 @@
-"""PyTorch path for the log-prob op: the same maths as ``fastdpo.kernels.logps``, chunked over rows.
+"""PyTorch path for the log-prob op: the same contract as ``fastdpo.kernels.logps``, chunked over rows.
 
 Used when Triton cannot run (CPU without ``TRITON_INTERPRET=1``, no Triton installed, float64 logits). It keeps
 the kernels' memory behaviour: the float32 working copy is at most ``CHUNK_ELEMENTS`` logits, never N x T x V,
 and the gradient is written chunk by chunk into one buffer of the logits' dtype (or into the logits).
 Math runs in float32, or float64 for float64 logits (which is what makes ``gradcheck`` possible here).
+Per chunk it uses PyTorch's fused ``log_softmax`` / ``softmax`` (computed as z - max - log sum e^(z - max), so
+as precise as the kernels' (max, log sum) pair); the row max and log-sum are read back from the log-softmax at
+the argmax, where it equals -log sum.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
+from fastdpo._logps_outputs import STATS, LogpsForward, check_stats
+
 # 4M logits per chunk: a 16 MB float32 working set (32 MB in float64), small next to any real logits
-# tensor and large enough that per-chunk Python overhead stays negligible.
+# tensor; smaller chunks measured slower on CPU (per-op overhead outweighs cache reuse).
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -38,30 +43,67 @@ def _row_labels(labels: torch.Tensor, shift: bool, T: int, ignore_index: int) ->
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)[:, :T]
 
 
-def logps_fwd(
-    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, ignore_index: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``fastdpo.kernels.logps.logps_fwd``; float64 outputs for float64 logits."""
-    N, T, V = logits.shape
-    T_rows = T - int(shift)
-    out_dtype = _compute_dtype(logits.dtype)
-    logp = torch.zeros((N, T_rows), dtype=out_dtype, device=logits.device)
-    lse = torch.zeros((2, N, T_rows), dtype=out_dtype, device=logits.device)  # (row max, log rescaled sum)
-    row_labels = _row_labels(labels, shift, T, ignore_index)[:, :T_rows]
+def _scaled(chunk: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    z = chunk.to(dtype)
+    return z if temperature == 1.0 else z / temperature
+
+
+def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
+    """(logp, lse, stats) of one logits tensor, as ``LogpsForward`` lays them out."""
+    N, T_rows = row_labels.shape
+    rows = dict(dtype=_compute_dtype(logits.dtype), device=logits.device)
+    logp, lse = torch.zeros((N, T_rows), **rows), torch.zeros((2, N, T_rows), **rows)
+    stats_out = torch.zeros((len(STATS), N, T_rows), **rows) if stats else None
     for ns, ts in _chunks(N, T_rows, V):
         y = row_labels[ns, ts]
         scored = y != ignore_index
-        z = logits[ns, ts].to(out_dtype) / temperature
-        row_max = z.amax(-1)
-        row_max = torch.where(row_max == -torch.inf, 0.0, row_max)  # an all -inf row keeps max 0, as in the kernel
         in_vocab = (y >= 0) & (y < V)
-        z_label = z.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
-        z_label = torch.where(in_vocab, z_label, torch.nan)  # out-of-vocabulary label: nan, never a wrong value
-        log_norm = z.sub_(row_max.unsqueeze(-1)).exp_().sum(-1).log_()
-        logp[ns, ts] = torch.where(scored, (z_label - row_max) - log_norm, 0.0)
+        z = _scaled(logits[ns, ts], temperature, rows["dtype"])
+        logsm = torch.log_softmax(z, dim=-1)
+        top = z.argmax(-1, keepdim=True)
+        row_max = z.gather(-1, top).squeeze(-1)
+        row_max = torch.where(row_max == -torch.inf, 0.0, row_max)  # an all -inf row keeps max 0, as the kernel
+        log_norm = -logsm.gather(-1, top).squeeze(-1)
+        picked = logsm.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
+        picked = torch.where(in_vocab, picked, torch.nan)  # out-of-vocabulary label: nan, never a wrong value
+        logp[ns, ts] = torch.where(scored, picked, 0.0)
         lse[0, ns, ts] = torch.where(scored, row_max, 0.0)
         lse[1, ns, ts] = torch.where(scored, log_norm, 0.0)
-    return logp, lse
+        values = {}
+        if "entropy" in stats:
+            probs = logsm.exp()
+            values["entropy"] = -torch.special.xlogy(probs, probs).sum(-1)  # 0 log 0 = 0 on masked vocab
+        if "log_sum_sq_probs" in stats:
+            values["log_sum_sq_probs"] = torch.logsumexp(2 * logsm, dim=-1)
+        if "mean_logits" in stats:
+            values["mean_logits"] = z.mean(-1)
+        if "is_top1" in stats:
+            values["is_top1"] = (top.squeeze(-1) == y).to(rows["dtype"])
+        for name, value in values.items():
+            stats_out[STATS.index(name), ns, ts] = torch.where(scored, value, 0.0)
+    return logp, lse, stats_out
+
+
+def logps_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool,
+    ignore_index: int,
+    temperature: float,
+    ref_logits: torch.Tensor | None = None,
+    stats: tuple[str, ...] = (),
+) -> LogpsForward:
+    """Same contract as ``fastdpo.kernels.logps.logps_fwd``; float64 outputs for float64 logits."""
+    check_stats(stats)
+    N, T, V = logits.shape
+    row_labels = _row_labels(labels, shift, T, ignore_index)[:, : T - int(shift)]
+    kw = dict(ignore_index=ignore_index, temperature=temperature, stats=stats)
+    logp, lse, stats_out = _fwd_one(logits, row_labels, V, **kw)
+    ref_logp = ref_stats = None
+    if ref_logits is not None:
+        ref_logp, _, ref_stats = _fwd_one(ref_logits, row_labels, V, **kw)
+    return LogpsForward(logp, lse, stats_out, ref_logp, ref_stats)
 
 
 def logps_bwd(
@@ -75,23 +117,19 @@ def logps_bwd(
     temperature: float,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``fastdpo.kernels.logps.logps_bwd``."""
+    """Same contract as ``fastdpo.kernels.logps.logps_bwd`` (``lse`` is unused: the fused softmax recomputes it)."""
     N, T, V = logits.shape
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    work_dtype = _compute_dtype(logits.dtype)
+    work = _compute_dtype(logits.dtype)
     row_labels = _row_labels(labels, shift, T, ignore_index)
-    pad = (0, int(shift))  # the last row has no lse / grad entry when shifted
-    max_rows, log_norm_rows = torch.nn.functional.pad(lse.to(work_dtype), pad)
-    grad_rows = torch.nn.functional.pad(grad_logp.to(work_dtype), pad)
+    grad_rows = torch.nn.functional.pad(grad_logp.to(work), (0, int(shift)))  # the last row has no entry
     for ns, ts in _chunks(N, T, V):
         y = row_labels[ns, ts]
         scored = y != ignore_index
         coef = torch.where(scored, grad_rows[ns, ts], 0.0) / temperature
-        z = logits[ns, ts].to(work_dtype) / temperature
-        # dz = coef * (onehot(y) - softmax(z)), built in place on the chunk's working copy
-        z.sub_(max_rows[ns, ts].unsqueeze(-1)).sub_(log_norm_rows[ns, ts].unsqueeze(-1))
-        dz = z.exp_().mul_(-coef.unsqueeze(-1))
+        # dz = coef * (onehot(y) - softmax(z)), built in place on the chunk's softmax
+        dz = torch.softmax(_scaled(logits[ns, ts], temperature, work), dim=-1).mul_(-coef.unsqueeze(-1))
         hit = scored & (y >= 0) & (y < V)
         dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), torch.where(hit, coef, 0.0).unsqueeze(-1))
-        grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # exp(z - 0) may overflow on unscored rows
+        grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # softmax of unscored rows may be nan
     return grad

@@ -47,7 +47,7 @@ def sequence_logps(
     options = LogpsOptions(
         shift=shift, ignore_index=ignore_index, temperature=float(temperature), inplace_backward=inplace_backward
     )
-    per_token = token_logps(logits, labels, options)
+    per_token = token_logps(logits, labels, options).logp
     return reduce_sequences(per_token, labels, ignore_index=ignore_index, shift=shift, average=average)
 
 

@@ -67,9 +67,9 @@ def _run(impl, case, logits, labels, grad_logp):
     kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
     if impl is triton_logps:
         kw["block_v"] = case.block_v
-    logp, lse = impl.logps_fwd(logits, labels, **kw)
-    grad = impl.logps_bwd(logits, labels, lse, grad_logp, **kw)
-    return logp, lse, grad
+    out = impl.logps_fwd(logits, labels, **kw)
+    grad = impl.logps_bwd(logits, labels, out.lse, grad_logp, **kw)
+    return out.logp, out.lse, grad
 
 
 def _reference(logits, labels, grad_logp, case, compute_dtype, grad_dtype):
@@ -132,7 +132,7 @@ def test_out_of_vocab_label_gives_nan_not_a_read(device):
     logits = make_logits(1, 3, 50, torch.float32, device)
     labels = torch.tensor([[0, 50, 3]], device=device)
     for impl in (triton_logps, chunked):
-        logp, _ = impl.logps_fwd(logits, labels, shift=True, ignore_index=IGNORE, temperature=1.0)
+        logp = impl.logps_fwd(logits, labels, shift=True, ignore_index=IGNORE, temperature=1.0).logp
         assert torch.isnan(logp[0, 0]) and torch.isfinite(logp[0, 1])
 
 

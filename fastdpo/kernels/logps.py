@@ -11,6 +11,11 @@ The log-sum-exp is kept as the pair (m, log l), not rounded to one float: z - m 
 carry the probability mass, so log-probs and softmax keep full float32 precision however large the logits
 (rounding m + log l to float32 at |z| ~ 1e4 would cost 5e-4 relative in every softmax value).
 
+Optional statistics in the same sweep, behind constexpr flags (no extra read of the logits):
+    entropy H = log l - h / l with h = sum_v e^(z - m) (z - m);  log sum_v p^2 = log sum_v e^(2 (z - m)) - 2 log l;
+    mean logit sum_v z / V;  top-1 = the label is the first argmax (z[y] >= m and z[y] > max of z before y).
+Reference logits can ride along in the same launch (grid axis 1), for DPO's reference log-probs.
+
 Rows whose label is ``ignore_index`` (and, with SHIFT=1, the last position of each sequence, which has no
 next token) are unscored: logp = 0, lse = 0, gradient 0, and the forward does not read them.
 
@@ -18,7 +23,7 @@ The shift of the Hugging Face convention (logits[:, t] scores labels[:, t + 1]) 
 sliced or narrowed logits view is read in place. All offsets are int64: N * T * V passes 2^31 at
 realistic sizes (16k tokens x 152k vocab).
 
-Bytes per scored row: forward reads V logits (+ one label, writes 8 bytes); backward reads V logits and
+Bytes per scored row: forward reads V logits (+ one label, writes 12 bytes, + 4 per statistic); backward reads V logits and
 writes V gradients (unscored rows: writes V zeros only). Reference: ``fastdpo.reference.sequence_logps``.
 """
 
@@ -30,19 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdpo._logps_outputs import STATS, LogpsForward, check_stats
 from fastdpo.kernels.heuristics import logps_config
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@triton.jit
-def _online_lse_update(m_i, l_i, z):
-    """One step of the online log-sum-exp over a block ``z``; -inf blocks (masked vocab) leave (m, l) as is."""
-    m_new = tl.maximum(m_i, tl.max(z, axis=0))
-    # Shift by 0 while every logit seen so far is -inf, so no (-inf) - (-inf) = nan appears.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
-    return m_new, l_i
 
 
 @triton.jit
@@ -59,11 +55,17 @@ def _label_of_row(labels_ptr, n, t_label, stride_labels_n, stride_labels_t, T, V
 @triton.jit
 def _logps_fwd_kernel(
     logits_ptr,
+    ref_logits_ptr,
     labels_ptr,
     logp_ptr,
+    ref_logp_ptr,
     lse_ptr,
+    stats_ptr,
+    ref_stats_ptr,
     stride_logits_n,
     stride_logits_t,
+    stride_ref_n,
+    stride_ref_t,
     stride_labels_n,
     stride_labels_t,
     T,
@@ -73,36 +75,78 @@ def _logps_fwd_kernel(
     ignore_index,
     inv_temperature,
     SHIFT: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
+    COMPUTE_SUM_SQ: tl.constexpr,
+    COMPUTE_MEAN: tl.constexpr,
+    COMPUTE_TOP1: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)  # 0: policy logits, 1: reference logits (grid axis 1 has size 1 without them)
     n = row // T_rows
     t = row - n * T_rows
+    row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
+    logp_out = logp_ptr + row
+    stats_out = stats_ptr + row  # channel k at + k * n_rows
+    if which == 1:
+        row_ptr = ref_logits_ptr + n * stride_ref_n + t * stride_ref_t
+        logp_out = ref_logp_ptr + row
+        stats_out = ref_stats_ptr + row
     label, scored, in_vocab = _label_of_row(
         labels_ptr, n, t + SHIFT, stride_labels_n, stride_labels_t, T, V, ignore_index
     )
-    if not scored:
-        tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
-        tl.store(lse_ptr + n_rows + row, 0.0)
+    if not scored:  # the launcher zero-fills the statistics
+        tl.store(logp_out, 0.0)
+        tl.store(lse_ptr + row, 0.0, mask=which == 0)
+        tl.store(lse_ptr + n_rows + row, 0.0, mask=which == 0)
         return
 
-    row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
     offs_v = tl.arange(0, BLOCK_V)
-    m_i = tl.full((), float("-inf"), tl.float32)
-    l_i = tl.full((), 0.0, tl.float32)
+    m_i = tl.full((), float("-inf"), tl.float32)  # running max
+    l_i = tl.full((), 0.0, tl.float32)  # sum e^(z - m)
+    h_i = tl.full((), 0.0, tl.float32)  # sum e^(z - m) (z - m), for the entropy
+    q_i = tl.full((), 0.0, tl.float32)  # sum e^(2 (z - m)), for log sum p^2
+    s_i = tl.full((), 0.0, tl.float32)  # sum z, for the mean logit
+    b_i = tl.full((), float("-inf"), tl.float32)  # max of z before the label's index, for top-1 ties
     for start in range(0, V, BLOCK_V):
-        mask_v = start + offs_v < V
-        z = tl.load(row_ptr + start + offs_v, mask=mask_v, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_i, l_i = _online_lse_update(m_i, l_i, z)
+        offs = start + offs_v
+        mask_v = offs < V
+        z = tl.load(row_ptr + offs, mask=mask_v, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m_i, tl.max(z, axis=0))
+        # Shift by 0 while every logit seen so far is -inf, so no (-inf) - (-inf) = nan appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        e = tl.exp(z - m_safe)
+        if COMPUTE_ENTROPY:
+            # sum e'(z - m') = alpha (sum e (z - m) + (m - m') sum e) + sum_b e (z - m'), kept relative to the
+            # max so that H = log l - h / l has no cancellation at large |z|
+            m_prev = tl.where(m_i == float("-inf"), 0.0, m_i)
+            e_z = tl.where(z > float("-inf"), e * (z - m_safe), 0.0)
+            h_i = alpha * (h_i + (m_prev - m_safe) * l_i) + tl.sum(e_z, axis=0)
+        if COMPUTE_SUM_SQ:
+            q_i = q_i * alpha * alpha + tl.sum(e * e, axis=0)
+        if COMPUTE_MEAN:
+            s_i += tl.sum(tl.where(mask_v, z, 0.0), axis=0)
+        if COMPUTE_TOP1:
+            b_i = tl.maximum(b_i, tl.max(tl.where(offs < label, z, float("-inf")), axis=0))
+        l_i = l_i * alpha + tl.sum(e, axis=0)
+        m_i = m_new
     m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
     log_l = tl.log(l_i)
 
     # One extra element read; an out-of-vocabulary label is never dereferenced and yields nan, not garbage.
     z_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32) * inv_temperature
-    tl.store(logp_ptr + row, (z_label - m_i) - log_l)
-    tl.store(lse_ptr + row, m_i)
-    tl.store(lse_ptr + n_rows + row, log_l)
+    tl.store(logp_out, (z_label - m_i) - log_l)
+    tl.store(lse_ptr + row, m_i, mask=which == 0)  # only the policy's backward needs it
+    tl.store(lse_ptr + n_rows + row, log_l, mask=which == 0)
+    if COMPUTE_ENTROPY:
+        tl.store(stats_out, log_l - h_i / l_i)
+    if COMPUTE_SUM_SQ:
+        tl.store(stats_out + n_rows, tl.log(q_i) - 2.0 * log_l)
+    if COMPUTE_MEAN:
+        tl.store(stats_out + 2 * n_rows, s_i / V)
+    if COMPUTE_TOP1:
+        tl.store(stats_out + 3 * n_rows, ((z_label >= m_i) & (z_label > b_i)).to(tl.float32))
 
 
 @triton.jit
@@ -181,30 +225,51 @@ def logps_fwd(
     shift: bool,
     ignore_index: int,
     temperature: float,
+    ref_logits: torch.Tensor | None = None,
+    stats: tuple[str, ...] = (),
     block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and log-sum-exps.
+) -> LogpsForward:
+    """Per-token log-probs, log-sum-exps and the requested ``stats`` (see ``fastdpo._logps_outputs``).
 
-    logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]`` -> logp ``[N, T - shift]`` and
-    lse ``[2, N, T - shift]`` (row max and log of the rescaled sum; ``lse.sum(0)`` is the log-sum-exp),
-    float32, 0 on unscored rows.
+    logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]``. ``ref_logits`` (same shape and dtype, any
+    strides) are read in the same launch, as a second slice of the grid.
     """
     _check_launch_args(logits, labels)
+    check_stats(stats)
+    if ref_logits is not None:
+        _check_launch_args(ref_logits, labels)
+        if ref_logits.shape != logits.shape or ref_logits.dtype != logits.dtype:
+            raise ValueError(
+                f"ref_logits must match logits {tuple(logits.shape)} {logits.dtype}, "
+                f"got {tuple(ref_logits.shape)} {ref_logits.dtype}"
+            )
     N, T, V = logits.shape
     T_rows = T - int(shift)
-    logp = torch.empty((N, T_rows), dtype=torch.float32, device=logits.device)
-    lse = torch.empty((2, N, T_rows), dtype=torch.float32, device=logits.device)
+    has_ref = ref_logits is not None
+    rows = dict(dtype=torch.float32, device=logits.device)
+    out = LogpsForward(
+        logp=torch.empty((N, T_rows), **rows),
+        lse=torch.empty((2, N, T_rows), **rows),
+        stats=torch.zeros((len(STATS), N, T_rows), **rows) if stats else None,
+        ref_logp=torch.empty((N, T_rows), **rows) if has_ref else None,
+        ref_stats=torch.zeros((len(STATS), N, T_rows), **rows) if stats and has_ref else None,
+    )
     if N * T_rows == 0:
-        return logp, lse
+        return out
     cfg = logps_config(V, block_v)
+    ref = ref_logits if has_ref else logits  # unused pointers get a valid tensor of the right type
+    stats_buf = out.stats if stats else out.logp
     with _device_guard(logits):
-        _logps_fwd_kernel[(N * T_rows,)](
-            logits, labels, logp, lse,
-            logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
+        _logps_fwd_kernel[(N * T_rows, 1 + has_ref)](
+            logits, ref, labels, out.logp, out.ref_logp if has_ref else out.logp, out.lse,
+            stats_buf, out.ref_stats if stats and has_ref else stats_buf,
+            logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), labels.stride(0), labels.stride(1),
             T, T_rows, N * T_rows, V, ignore_index, 1.0 / temperature,
-            SHIFT=int(shift), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            SHIFT=int(shift), COMPUTE_ENTROPY="entropy" in stats, COMPUTE_SUM_SQ="log_sum_sq_probs" in stats,
+            COMPUTE_MEAN="mean_logits" in stats, COMPUTE_TOP1="is_top1" in stats,
+            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
-    return logp, lse
+    return out
 
 
 def logps_bwd(
@@ -221,7 +286,7 @@ def logps_bwd(
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp)`` with respect to logits, ``[N, T, V]`` in the logits' dtype.
 
-    ``grad_logp`` is ``[N, T - shift]`` with any strides (the backward of ``.sum(1)`` hands in a stride-0
+    ``lse`` is the policy's ``[2, N, T - shift]`` from ``logps_fwd``. ``grad_logp`` is ``[N, T - shift]`` with any strides (the backward of ``.sum(1)`` hands in a stride-0
     expand). With ``inplace=True`` the gradient overwrites ``logits`` (same storage and strides): each program
     reads a block of its row before writing that block, and rows are disjoint.
     """

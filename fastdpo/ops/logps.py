@@ -1,9 +1,11 @@
 """Autograd op: per-token label log-probs from logits, with a backward that never builds a softmax tensor.
 
-``TokenLogpsFunction.apply(logits [N, T, V], labels [N, T], options) -> logp [N, T - shift]`` (float32,
-float64 for float64 logits; 0 on unscored tokens). Saved for backward: the logits (a reference, no copy), the
-labels and the per-token log-sum-exp ``[N, T - shift]``. The backward recomputes each softmax row from the
-logits and writes ``dlogits = g / temperature * (onehot(label) - softmax(z))`` in the logits' dtype.
+``TokenLogpsFunction.apply(logits [N, T, V], labels [N, T], ref_logits or None, options)`` returns
+``(logp, stats, ref_logp, ref_stats)``: ``logp [N, T - shift]`` (float32, float64 for float64 logits; 0 on
+unscored tokens) carries the gradient; ``stats [len(STATS), N, T - shift]`` and the reference's outputs (or
+None) do not. Saved for backward: the logits (a reference, no copy), the labels and the per-token
+log-sum-exp pair ``[2, N, T - shift]``. The backward recomputes each softmax row from the logits and writes
+``dlogits = g / temperature * (onehot(label) - softmax(z))`` in the logits' dtype.
 
 Backend choice, per call: Triton kernels for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``
 (tests); the chunked PyTorch path otherwise, for float64, or when Triton is missing. The environment
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdpo import chunked
+from fastdpo._logps_outputs import LogpsForward
 
 try:
     from fastdpo.kernels import logps as triton_logps
@@ -35,6 +38,7 @@ class LogpsOptions:
     ignore_index: int = -100
     temperature: float = 1.0
     inplace_backward: bool = False
+    stats: tuple[str, ...] = ()  # names from fastdpo._logps_outputs.STATS
 
 
 def select_backend(logits: torch.Tensor) -> str:
@@ -61,21 +65,30 @@ def _impl(logits: torch.Tensor):
     return triton_logps if select_backend(logits) == "triton" else chunked
 
 
+def _forward(logits, labels, ref_logits, o: LogpsOptions) -> LogpsForward:
+    kw = dict(shift=o.shift, ignore_index=o.ignore_index, temperature=o.temperature, stats=o.stats)
+    impl = _impl(logits)
+    if ref_logits is None or (impl is triton_logps and ref_logits.dtype == logits.dtype):
+        return impl.logps_fwd(logits, labels, ref_logits=ref_logits, **kw)
+    # Reference logits of another dtype cannot share the launch: a second one, forward only.
+    ref = _impl(ref_logits).logps_fwd(ref_logits, labels, **kw)
+    return impl.logps_fwd(logits, labels, **kw)._replace(ref_logp=ref.logp, ref_stats=ref.stats)
+
+
 class TokenLogpsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, options: LogpsOptions) -> torch.Tensor:
-        logp, lse = _impl(logits).logps_fwd(
-            logits, labels, shift=options.shift, ignore_index=options.ignore_index, temperature=options.temperature
-        )
-        ctx.save_for_backward(logits, labels, lse)
+    def forward(ctx, logits, labels, ref_logits, options: LogpsOptions):
+        out = _forward(logits, labels, ref_logits, options)
+        ctx.save_for_backward(logits, labels, out.lse)
         ctx.options = options
         ctx.set_materialize_grads(False)
-        return logp
+        ctx.mark_non_differentiable(*(x for x in out[2:] if x is not None))
+        return out.logp, out.stats, out.ref_logp, out.ref_stats
 
     @staticmethod
-    def backward(ctx, grad_logp: torch.Tensor | None):
+    def backward(ctx, grad_logp, *_):
         if grad_logp is None or not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
         logits, labels, lse = ctx.saved_tensors
         o = ctx.options
         grad = _impl(logits).logps_bwd(
@@ -88,9 +101,13 @@ class TokenLogpsFunction(torch.autograd.Function):
             temperature=o.temperature,
             inplace=o.inplace_backward,
         )
-        return grad, None, None
+        return grad, None, None, None
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, options: LogpsOptions) -> torch.Tensor:
-    """Differentiable per-token log-probs ``[N, T - shift]``; arguments are assumed validated."""
-    return TokenLogpsFunction.apply(logits, labels, options)
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, options: LogpsOptions, ref_logits: torch.Tensor | None = None
+) -> LogpsForward:
+    """Differentiable ``logp`` (``lse`` is left out: None) and the non-differentiable rest; arguments are
+    assumed validated."""
+    logp, stats, ref_logp, ref_stats = TokenLogpsFunction.apply(logits, labels, ref_logits, options)
+    return LogpsForward(logp, None, stats, ref_logp, ref_stats)

@@ -1,0 +1,34 @@
+"""What the forward of the log-prob op returns, shared by the Triton launchers and the chunked PyTorch path
+(kept out of ``fastdpo.kernels`` so the PyTorch path imports without Triton)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Optional per-token statistics, computed in the same sweep as the log-prob (channel order of ``stats``):
+#   entropy           H = lse - sum_v p_v z_v
+#   log_sum_sq_probs  log sum_v p_v^2   (WPO weights)
+#   mean_logits       sum_v z_v / V
+#   is_top1           1.0 if the label is the first argmax of z, else 0.0
+STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+class LogpsForward(NamedTuple):
+    """Forward outputs, float32 (float64 for float64 logits), rows ``[N, T - shift]``, 0 on unscored rows.
+
+    Separate allocations (no views of a shared buffer), so autograd can hand them out as outputs.
+    """
+
+    logp: torch.Tensor  # [N, T - shift] label log-probs
+    lse: torch.Tensor  # [2, N, T - shift] (row max, log of the rescaled sum); lse.sum(0) is the log-sum-exp
+    stats: torch.Tensor | None  # [len(STATS), N, T - shift], requested channels only
+    ref_logp: torch.Tensor | None  # the same for reference logits read in the same sweep
+    ref_stats: torch.Tensor | None
+
+
+def check_stats(stats: tuple[str, ...]) -> None:
+    unknown = set(stats) - set(STATS)
+    if unknown:
+        raise ValueError(f"outputs must be among {('log_probs',) + STATS}, got {sorted(unknown)}")
