@@ -8,10 +8,14 @@
 """
 
 from fastdpo import reference
-from fastdpo.functional import dpo_loss, sequence_logps
-from fastdpo.losses import LOSS_TYPES, DPOOutput
+from fastdpo._logps_outputs import TokenLogps
+from fastdpo.functional import dpo_loss, sequence_logps, token_logps
+from fastdpo.losses import F_DIVERGENCES, LOSS_TYPES, DPOOutput
 from fastdpo.modules import DPOLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["DPOLoss", "DPOOutput", "LOSS_TYPES", "dpo_loss", "reference", "sequence_logps"]
+__all__ = [
+    "DPOLoss", "DPOOutput", "F_DIVERGENCES", "LOSS_TYPES", "TokenLogps", "dpo_loss", "reference", "sequence_logps",
+    "token_logps",
+]

@@ -28,6 +28,26 @@ class LogpsForward(NamedTuple):
     ref_stats: torch.Tensor | None
 
 
+class TokenLogps(NamedTuple):
+    """Per-token outputs of ``fastdpo.token_logps``, each ``[N, T - shift]`` (None when not requested), 0 (False)
+    on unscored tokens. ``log_probs`` and ``entropy`` carry gradients."""
+
+    log_probs: torch.Tensor | None
+    entropy: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None  # bool
+    log_sum_sq_probs: torch.Tensor | None = None
+
+
+OUTPUTS = TokenLogps._fields
+
+
+def check_outputs(outputs: tuple[str, ...]) -> None:
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown or not outputs:
+        raise ValueError(f"outputs must be a non-empty subset of {OUTPUTS}, got {tuple(outputs)}")
+
+
 def check_stats(stats: tuple[str, ...]) -> None:
     unknown = set(stats) - set(STATS)
     if unknown:

@@ -33,6 +33,17 @@ def downcast_slack(dtype: torch.dtype, triton_path: bool) -> float:
     return 2.0**-7 if interpreted and dtype == torch.bfloat16 else 0.0
 
 
+def propagated_slack(beta: float, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> float:
+    """Extra relative tolerance for gradients of a loss of beta * (logp_c - logp_r).
+
+    The per-sequence coefficient c = dL/dlogp depends on beta * Δ, so float32 rounding of the summed
+    log-probs (a few ulps of |logp_c| + |logp_r|) moves every gradient element by about
+    beta * that error, relative. The naive baseline can be luckier than that on one draw; this bound cannot.
+    """
+    span = float(chosen_logps.detach().abs().max() + rejected_logps.detach().abs().max())
+    return beta * span * 2.0**-21
+
+
 def make_logits(N: int, T: int, V: int, dtype: torch.dtype, device, *, scale: float = 3.0) -> torch.Tensor:
     """Random logits ``[N, T, V]`` (fresh draw from the current RNG), exactly representable in ``dtype``."""
     return (torch.randn(N, T, V, device=device) * scale).to(dtype)

@@ -80,3 +80,62 @@ def check_reference_logps(name: str, value: torch.Tensor | None, B: int, device:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} must be on the logits' device {device}, got {value.device}")
+
+
+def check_packing(
+    logits: torch.Tensor, cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``cu_seq_lens`` ``[S + 1]`` of a packed batch (derived from ``position_ids`` if given), or None if padded.
+
+    The value checks (starts at 0, ends at total_T, strictly increasing) cost one host sync per call."""
+    from fastdpo.sequences import cu_seq_lens_from_position_ids
+
+    if cu_seq_lens is None and position_ids is None:
+        return None
+    N, T = logits.shape[:2]
+    if cu_seq_lens is not None and position_ids is not None:
+        raise ValueError("pass either cu_seq_lens or position_ids for a packed batch, not both")
+    if N != 1:
+        raise ValueError(f"a packed batch has logits of shape (1, total_T, V), got {tuple(logits.shape)}")
+    if position_ids is not None:
+        if tuple(position_ids.shape) != (1, T) or position_ids.dtype.is_floating_point:
+            raise ValueError(f"position_ids must be an integer tensor of shape (1, {T}), got "
+                             f"{tuple(position_ids.shape)} {position_ids.dtype}")  # fmt: skip
+        if position_ids.device != logits.device:
+            raise ValueError(f"position_ids must be on the logits' device {logits.device}, got {position_ids.device}")
+        cu_seq_lens = cu_seq_lens_from_position_ids(position_ids)
+    if cu_seq_lens.ndim != 1 or cu_seq_lens.numel() < 2 or cu_seq_lens.dtype.is_floating_point:
+        raise ValueError(f"cu_seq_lens must be a 1-D integer tensor [0, end_0, ..., {T}], got shape "
+                         f"{tuple(cu_seq_lens.shape)} {cu_seq_lens.dtype}")  # fmt: skip
+    if cu_seq_lens.device != logits.device:
+        raise ValueError(f"cu_seq_lens must be on the logits' device {logits.device}, got {cu_seq_lens.device}")
+    if bool((cu_seq_lens[0] != 0) | (cu_seq_lens[-1] != T) | (cu_seq_lens.diff() <= 0).any()):
+        raise ValueError(f"cu_seq_lens must start at 0, end at total_T = {T} and increase strictly, got "
+                         f"{cu_seq_lens.tolist()}")  # fmt: skip
+    return cu_seq_lens
+
+
+def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device) -> torch.Tensor:
+    """``[B, 2]`` (chosen, rejected) sequence indices; by default sequence i pairs with sequence B + i."""
+    if pairs is None:
+        B = check_pairs(S)
+        return torch.stack([torch.arange(B, device=device), torch.arange(B, 2 * B, device=device)], dim=1)
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0 or pairs.dtype.is_floating_point:
+        raise ValueError(f"pairs must be an integer tensor of shape (B, 2) holding (chosen, rejected) sequence "
+                         f"indices, got {tuple(pairs.shape)} {pairs.dtype}")  # fmt: skip
+    if pairs.device != device:
+        raise ValueError(f"pairs must be on the logits' device {device}, got {pairs.device}")
+    if bool(((pairs < 0) | (pairs >= S)).any()):
+        raise ValueError(f"pairs must index the {S} sequences of the batch, got values outside [0, {S})")
+    return pairs.long()
+
+
+def check_ref_logits(ref_logits: torch.Tensor | None, logits: torch.Tensor) -> None:
+    if ref_logits is None:
+        return
+    if not isinstance(ref_logits, torch.Tensor) or ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must be a tensor of the logits' shape {tuple(logits.shape)}, got "
+                         f"{getattr(ref_logits, 'shape', type(ref_logits).__name__)}")  # fmt: skip
+    if ref_logits.dtype not in LOGITS_DTYPES or ref_logits.device != logits.device or ref_logits.stride(-1) != 1:
+        raise ValueError(f"ref_logits must be floating, on {logits.device}, unit-stride in vocab; got "
+                         f"{ref_logits.dtype} on {ref_logits.device} with strides {ref_logits.stride()}")  # fmt: skip

@@ -3,10 +3,9 @@
 Used when Triton cannot run (CPU without ``TRITON_INTERPRET=1``, no Triton installed, float64 logits). It keeps
 the kernels' memory behaviour: the float32 working copy is at most ``CHUNK_ELEMENTS`` logits, never N x T x V,
 and the gradient is written chunk by chunk into one buffer of the logits' dtype (or into the logits).
-Math runs in float32, or float64 for float64 logits (which is what makes ``gradcheck`` possible here).
-Per chunk it uses PyTorch's fused ``log_softmax`` / ``softmax`` (computed as z - max - log sum e^(z - max), so
-as precise as the kernels' (max, log sum) pair); the row max and log-sum are read back from the log-softmax at
-the argmax, where it equals -log sum.
+Math runs in float32, or float64 for float64 logits (which is what makes ``gradcheck`` possible here), on
+the same (row max, log sum) pair as the kernels. PyTorch's fused ``log_softmax`` would save a pass or two but
+sums less precisely on CPU (1e-5 in log-probs at V = 2^18), so the sums here are explicit ``torch.sum``s.
 """
 
 from __future__ import annotations
@@ -44,8 +43,9 @@ def _row_labels(labels: torch.Tensor, shift: bool, T: int, ignore_index: int) ->
 
 
 def _scaled(chunk: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    z = chunk.to(dtype)
-    return z if temperature == 1.0 else z / temperature
+    """A working copy of the chunk, z = x / temperature in ``dtype``, free to modify in place."""
+    z = chunk.to(dtype, copy=True)
+    return z if temperature == 1.0 else z.div_(temperature)
 
 
 def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
@@ -59,26 +59,26 @@ def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
         scored = y != ignore_index
         in_vocab = (y >= 0) & (y < V)
         z = _scaled(logits[ns, ts], temperature, rows["dtype"])
-        logsm = torch.log_softmax(z, dim=-1)
         top = z.argmax(-1, keepdim=True)
         row_max = z.gather(-1, top).squeeze(-1)
         row_max = torch.where(row_max == -torch.inf, 0.0, row_max)  # an all -inf row keeps max 0, as the kernel
-        log_norm = -logsm.gather(-1, top).squeeze(-1)
-        picked = logsm.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
+        picked = z.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
         picked = torch.where(in_vocab, picked, torch.nan)  # out-of-vocabulary label: nan, never a wrong value
-        logp[ns, ts] = torch.where(scored, picked, 0.0)
-        lse[0, ns, ts] = torch.where(scored, row_max, 0.0)
-        lse[1, ns, ts] = torch.where(scored, log_norm, 0.0)
         values = {}
-        if "entropy" in stats:
-            probs = logsm.exp()
-            values["entropy"] = -torch.special.xlogy(probs, probs).sum(-1)  # 0 log 0 = 0 on masked vocab
-        if "log_sum_sq_probs" in stats:
-            values["log_sum_sq_probs"] = torch.logsumexp(2 * logsm, dim=-1)
         if "mean_logits" in stats:
             values["mean_logits"] = z.mean(-1)
         if "is_top1" in stats:
             values["is_top1"] = (top.squeeze(-1) == y).to(rows["dtype"])
+        shifted = z.sub_(row_max.unsqueeze(-1))
+        e = shifted.exp()
+        log_norm = e.sum(-1).log()  # torch.sum sums in cascade: as precise as the kernels' block sums
+        if "entropy" in stats:  # H = log l - sum e (z - m) / l; 0 log 0 = 0 on masked vocab
+            values["entropy"] = log_norm - torch.where(e > 0, e * shifted, 0.0).sum(-1) / e.sum(-1)
+        if "log_sum_sq_probs" in stats:
+            values["log_sum_sq_probs"] = e.square_().sum(-1).log() - 2 * log_norm
+        logp[ns, ts] = torch.where(scored, (picked - row_max) - log_norm, 0.0)
+        lse[0, ns, ts] = torch.where(scored, row_max, 0.0)
+        lse[1, ns, ts] = torch.where(scored, log_norm, 0.0)
         for name, value in values.items():
             stats_out[STATS.index(name), ns, ts] = torch.where(scored, value, 0.0)
     return logp, lse, stats_out
@@ -110,26 +110,42 @@ def logps_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
-    grad_logp: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     *,
     shift: bool,
     ignore_index: int,
     temperature: float,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
-    """Same contract as ``fastdpo.kernels.logps.logps_bwd`` (``lse`` is unused: the fused softmax recomputes it)."""
+    """Same contract as ``fastdpo.kernels.logps.logps_bwd``."""
     N, T, V = logits.shape
     grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     work = _compute_dtype(logits.dtype)
+
+    def rows(x):  # [N, T - shift] -> [N, T]: the last row has no entry when shifted
+        return None if x is None else torch.nn.functional.pad(x.to(work), (0, int(shift)))
+
     row_labels = _row_labels(labels, shift, T, ignore_index)
-    grad_rows = torch.nn.functional.pad(grad_logp.to(work), (0, int(shift)))  # the last row has no entry
+    g_logp, g_ent, ent = rows(grad_logp), rows(grad_entropy), rows(entropy)
+    max_rows, log_norm_rows = rows(lse)
     for ns, ts in _chunks(N, T, V):
         y = row_labels[ns, ts]
         scored = y != ignore_index
-        coef = torch.where(scored, grad_rows[ns, ts], 0.0) / temperature
-        # dz = coef * (onehot(y) - softmax(z)), built in place on the chunk's softmax
-        dz = torch.softmax(_scaled(logits[ns, ts], temperature, work), dim=-1).mul_(-coef.unsqueeze(-1))
-        hit = scored & (y >= 0) & (y < V)
-        dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), torch.where(hit, coef, 0.0).unsqueeze(-1))
-        grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # softmax of unscored rows may be nan
+        z = _scaled(logits[ns, ts], temperature, work)
+        log_p = z.sub_(max_rows[ns, ts].unsqueeze(-1)).sub_(log_norm_rows[ns, ts].unsqueeze(-1))
+        if g_ent is None:
+            dz = log_p.exp_().mul_(-(g_logp[ns, ts] / temperature).unsqueeze(-1))
+        else:  # - g_H / temperature * p (log p + H)
+            p = log_p.exp()
+            dz = torch.where(p > 0, p * (log_p + ent[ns, ts].unsqueeze(-1)), 0.0)
+            dz.mul_(-(g_ent[ns, ts] / temperature).unsqueeze(-1))
+            if g_logp is not None:
+                dz.sub_(p * (g_logp[ns, ts] / temperature).unsqueeze(-1))
+        if g_logp is not None:  # + g / temperature at the label
+            coef = g_logp[ns, ts] / temperature
+            hit = scored & (y >= 0) & (y < V)
+            dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), torch.where(hit, coef, 0.0).unsqueeze(-1))
+        grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # unscored rows: 0, whatever they hold
     return grad

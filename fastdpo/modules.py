@@ -2,37 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from fastdpo import functional
-from fastdpo.losses import DPOOutput, check_loss_options
+from fastdpo.losses import DPOOutput, LossConfig
 
 
 class DPOLoss(nn.Module):
-    """``DPOLoss(beta=0.1, ...)(logits, labels, ref_chosen_logps, ref_rejected_logps) -> DPOOutput``.
+    """``DPOLoss(beta=0.1, ...)(logits, labels, ref_chosen_logps, ref_rejected_logps, **batch) -> DPOOutput``.
 
-    Same keywords and semantics as ``fastdpo.dpo_loss``; the options are validated at construction.
+    Same keywords and semantics as ``fastdpo.dpo_loss``; the loss options are validated at construction.
+    Per-batch tensors (``ref_logits``, ``cu_seq_lens``, ``position_ids``, ``pairs``) go to ``forward``.
     """
 
     def __init__(
         self,
         beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        reference_free: bool = False,
+        loss_type: str | list[str] = "sigmoid",
+        *,
         ignore_index: int = -100,
         shift: bool = True,
+        return_metrics: bool = False,
         inplace_backward: bool = False,
+        **loss_options,
     ):
         super().__init__()
-        check_loss_options(loss_type, beta, label_smoothing)
-        self.beta = beta
-        self.loss_type = loss_type
-        self.label_smoothing = label_smoothing
-        self.reference_free = reference_free
+        self.config = LossConfig(beta=beta, loss_type=loss_type, **loss_options)
         self.ignore_index = ignore_index
         self.shift = shift
+        self.return_metrics = return_metrics
         self.inplace_backward = inplace_backward
 
     def forward(
@@ -41,20 +42,21 @@ class DPOLoss(nn.Module):
         labels: torch.Tensor,
         ref_chosen_logps: torch.Tensor | None = None,
         ref_rejected_logps: torch.Tensor | None = None,
+        **batch: torch.Tensor | None,
     ) -> DPOOutput:
         return functional.dpo_loss(
             logits,
             labels,
             ref_chosen_logps,
             ref_rejected_logps,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            reference_free=self.reference_free,
+            **dataclasses.asdict(self.config),
             ignore_index=self.ignore_index,
             shift=self.shift,
+            return_metrics=self.return_metrics,
             inplace_backward=self.inplace_backward,
+            **batch,
         )
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}"
+        c = self.config
+        return f"beta={c.beta}, loss_type={c.loss_type!r}, label_smoothing={c.label_smoothing}"

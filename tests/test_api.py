@@ -7,7 +7,13 @@ import torch
 
 import fastdpo
 from fastdpo import reference
-from fastdpo._testing import assert_close_to_reference, downcast_slack, make_labels, make_logits
+from fastdpo._testing import (
+    assert_close_to_reference,
+    downcast_slack,
+    make_labels,
+    make_logits,
+    propagated_slack,
+)
 from fastdpo.ops.logps import select_backend
 
 LOSS_SETTINGS = [
@@ -45,10 +51,11 @@ def test_dpo_loss_matches_reference(backend, loss_type, beta, eps, dtype, device
 
     # Rewards, margins and the loss are differences of log-probs: errors relative to beta * |log-probs|.
     scale = beta * float(torch.cat([truth.chosen_logps, truth.rejected_logps]).detach().abs().max())
-    for field in fastdpo.DPOOutput._fields:
+    for field in fastdpo.DPOOutput._fields[:-1]:  # all but metrics (None unless return_metrics)
         got, want, baseline = getattr(out, field), getattr(truth, field), getattr(base, field)
         assert_close_to_reference(got.detach(), want.detach(), baseline.detach(), dtype, field, scale=scale)
     slack = downcast_slack(dtype, triton_path=select_backend(logits) == "triton")
+    slack += propagated_slack(beta, truth.chosen_logps, truth.rejected_logps)
     assert_close_to_reference(grad, truth_grad, base_grad.to(dtype), dtype, "grad", slack=slack)
     assert out.loss.shape == () and out.chosen_logps.shape == (B,)
     assert not out.chosen_rewards.requires_grad and not out.reward_accuracy.requires_grad
@@ -70,8 +77,10 @@ def test_module_equals_function(backend, device):
     criterion = fastdpo.DPOLoss(beta=0.3, loss_type="robust", label_smoothing=0.1)
     got = criterion(logits, labels, ref_c, ref_r)
     want = fastdpo.dpo_loss(logits, labels, ref_c, ref_r, beta=0.3, loss_type="robust", label_smoothing=0.1)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got[:-1], want[:-1])) and got.metrics is want.metrics is None
     assert "robust" in repr(criterion)
+    with_metrics = fastdpo.DPOLoss(return_metrics=True, ld_alpha=0.5)(logits, labels, ref_c, ref_r)
+    assert with_metrics.metrics.keys() >= {"rewards/accuracies", "entropy", "mean_token_accuracy"}
 
 
 def test_worked_example_by_hand(device):

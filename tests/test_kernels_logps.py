@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastdpo import chunked, reference
+from fastdpo._logps_outputs import STATS
 from fastdpo._testing import assert_close_to_reference, downcast_slack, make_labels, make_logits
 from fastdpo.kernels import logps as triton_logps
 
@@ -74,7 +75,9 @@ def _run(impl, case, logits, labels, grad_logp):
 
 def _reference(logits, labels, grad_logp, case, compute_dtype, grad_dtype):
     x = logits.detach().to(compute_dtype).requires_grad_()
-    logp = reference.token_logps(x, labels, ignore_index=IGNORE, shift=case.shift, temperature=case.temperature)
+    logp = reference.token_logps(
+        x, labels, ignore_index=IGNORE, shift=case.shift, temperature=case.temperature
+    ).log_probs
     (grad,) = torch.autograd.grad(logp, x, grad_logp.to(compute_dtype))
     return logp.detach(), grad.to(grad_dtype)
 
@@ -141,3 +144,66 @@ def test_launcher_rejects_bad_layout(device):
     with pytest.raises(ValueError, match="unit-stride"):
         triton_logps.logps_fwd(logits, torch.zeros(2, 8, dtype=torch.long), shift=True, ignore_index=IGNORE,
                                temperature=1.0)
+
+
+STAT_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10)], ids=lambda c: c.id)
+@pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
+def test_statistics_and_reference_logits_in_one_sweep(impl, case, dtype, device):
+    logits, labels = _inputs(case, dtype, device)
+    ref_logits = make_logits(case.N, case.T, case.V, dtype, device)
+    kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
+    if impl is triton_logps:
+        kw["block_v"] = case.block_v
+    out = impl.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, **kw)
+
+    for which, (x, logp, stats) in enumerate([(logits, out.logp, out.stats), (ref_logits, out.ref_logp, out.ref_stats)]):
+        truth = reference.token_logps(x.double(), labels, ignore_index=IGNORE, shift=case.shift,
+                                      temperature=case.temperature, outputs=("log_probs",) + STAT_OUTPUTS)
+        base = reference.token_logps(x.float(), labels, ignore_index=IGNORE, shift=case.shift,
+                                     temperature=case.temperature, outputs=("log_probs",) + STAT_OUTPUTS)
+        assert_close_to_reference(logp, truth.log_probs, base.log_probs, dtype, f"logp[{which}]")
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
+            got = stats[STATS.index(name)]
+            assert_close_to_reference(got, getattr(truth, name), getattr(base, name), dtype, f"{name}[{which}]",
+                                      scale=1.0)
+        top1 = stats[STATS.index("is_top1")]
+        assert torch.equal(top1 > 0.5, truth.is_top1), f"is_top1[{which}]"
+
+
+@pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
+def test_top1_ties_count_only_the_first_argmax(impl, device):
+    logits = torch.zeros(1, 3, 8, device=device)
+    logits[0, :, 2] = logits[0, :, 5] = 4.0  # two maxima: argmax is 2
+    labels = torch.tensor([[2, 5, 3]], device=device)
+    out = impl.logps_fwd(logits, labels, shift=False, ignore_index=IGNORE, temperature=1.0, stats=("is_top1",))
+    assert out.stats[STATS.index("is_top1")].tolist() == [[1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
+def test_entropy_gradient(impl, dtype, device):
+    case = CASES[5]  # temperature 0.7, several blocks
+    logits, labels = _inputs(case, dtype, device)
+    kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
+    out = impl.logps_fwd(logits, labels, stats=("entropy",), **kw)
+    entropy = out.stats[STATS.index("entropy")].contiguous()
+    g_logp, g_ent = torch.randn_like(out.logp), torch.randn_like(out.logp)
+    for grad_logp in (g_logp, None):
+        grad = impl.logps_bwd(logits, labels, out.lse, grad_logp, entropy=entropy, grad_entropy=g_ent, **kw)
+
+        def reference_grad(compute_dtype):
+            x = logits.detach().to(compute_dtype).requires_grad_()
+            tok = reference.token_logps(x, labels, ignore_index=IGNORE, shift=case.shift,
+                                        temperature=case.temperature, outputs=("log_probs", "entropy"))
+            total = (tok.entropy * g_ent.to(compute_dtype)).sum()
+            if grad_logp is not None:
+                total = total + (tok.log_probs * grad_logp.to(compute_dtype)).sum()
+            return torch.autograd.grad(total, x)[0]
+
+        slack = downcast_slack(dtype, triton_path=impl is triton_logps)
+        assert_close_to_reference(grad, reference_grad(torch.float64), reference_grad(torch.float32).to(dtype),
+                                  dtype, "grad", slack=slack)

@@ -6,6 +6,7 @@ Maths, per scored row r = (n, t) with label y = labels[n, t + SHIFT] and z = log
               BLOCK_V chunks: m' = max(m, max_b z); l' = l e^(m - m') + sum_b e^(z - m'))
     logp[r] = (z[y] - m) - log l
     dlogits[n, t, v] = g[r] / temperature * (1[v = y] - exp((z[v] - m) - log l))
+                       - g_H[r] / temperature * p[v] (log p[v] + H[r])     (when the entropy has a gradient)
 
 The log-sum-exp is kept as the pair (m, log l), not rounded to one float: z - m is exact for the logits that
 carry the probability mass, so log-probs and softmax keep full float32 precision however large the logits
@@ -154,7 +155,9 @@ def _logps_bwd_kernel(
     logits_ptr,
     labels_ptr,
     lse_ptr,
+    entropy_ptr,
     grad_logp_ptr,
+    grad_entropy_ptr,
     grad_logits_ptr,
     stride_logits_n,
     stride_logits_t,
@@ -162,6 +165,8 @@ def _logps_bwd_kernel(
     stride_labels_t,
     stride_grad_logp_n,
     stride_grad_logp_t,
+    stride_grad_entropy_n,
+    stride_grad_entropy_t,
     stride_grad_n,
     stride_grad_t,
     T,
@@ -171,6 +176,8 @@ def _logps_bwd_kernel(
     ignore_index,
     inv_temperature,
     SHIFT: tl.constexpr,
+    HAS_LOGP_GRAD: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # over all N * T logits rows, so every gradient row is written
@@ -179,10 +186,18 @@ def _logps_bwd_kernel(
     label, scored, in_vocab = _label_of_row(
         labels_ptr, n, t + SHIFT, stride_labels_n, stride_labels_t, T, V, ignore_index
     )
-    g = tl.load(grad_logp_ptr + n * stride_grad_logp_n + t * stride_grad_logp_t, mask=scored, other=0.0)
     m_i = tl.load(lse_ptr + n * T_rows + t, mask=scored, other=0.0)
     log_l = tl.load(lse_ptr + n_rows + n * T_rows + t, mask=scored, other=0.0)
-    coef = g.to(tl.float32) * inv_temperature
+    coef = 0.0
+    if HAS_LOGP_GRAD:
+        g = tl.load(grad_logp_ptr + n * stride_grad_logp_n + t * stride_grad_logp_t, mask=scored, other=0.0)
+        coef = g.to(tl.float32) * inv_temperature
+    coef_h = 0.0
+    entropy = 0.0
+    if HAS_ENTROPY_GRAD:
+        g_h = tl.load(grad_entropy_ptr + n * stride_grad_entropy_n + t * stride_grad_entropy_t, mask=scored, other=0.0)
+        coef_h = g_h.to(tl.float32) * inv_temperature
+        entropy = tl.load(entropy_ptr + n * T_rows + t, mask=scored, other=0.0)
 
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
     grad_row_ptr = grad_logits_ptr + n * stride_grad_n + t * stride_grad_t
@@ -192,8 +207,11 @@ def _logps_bwd_kernel(
         offs = start + offs_v
         mask_v = offs < V
         z = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(tl.float32) * inv_temperature
-        p = tl.exp((z - m_i) - log_l)
+        log_p = (z - m_i) - log_l
+        p = tl.exp(log_p)
         dz = coef * (tl.where(offs == label, 1.0, 0.0) - p)
+        if HAS_ENTROPY_GRAD:
+            dz -= coef_h * tl.where(p > 0.0, p * (log_p + entropy), 0.0)  # dH/dz_v = -p_v (log p_v + H)
         dz = tl.where(scored, dz, 0.0)
         tl.store(grad_row_ptr + offs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask_v)
 
@@ -276,19 +294,24 @@ def logps_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
     lse: torch.Tensor,
-    grad_logp: torch.Tensor,
+    grad_logp: torch.Tensor | None,
     *,
     shift: bool,
     ignore_index: int,
     temperature: float,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
     inplace: bool = False,
     block_v: int | None = None,
 ) -> torch.Tensor:
-    """Gradient of ``sum(grad_logp * logp)`` with respect to logits, ``[N, T, V]`` in the logits' dtype.
+    """Gradient of ``sum(grad_logp * logp) + sum(grad_entropy * entropy)`` with respect to logits, ``[N, T, V]``
+    in the logits' dtype.
 
-    ``lse`` is the policy's ``[2, N, T - shift]`` from ``logps_fwd``. ``grad_logp`` is ``[N, T - shift]`` with any strides (the backward of ``.sum(1)`` hands in a stride-0
-    expand). With ``inplace=True`` the gradient overwrites ``logits`` (same storage and strides): each program
-    reads a block of its row before writing that block, and rows are disjoint.
+    ``lse`` is ``[2, N, T - shift]`` from ``logps_fwd``; ``entropy`` (contiguous ``[N, T - shift]``, from the
+    forward) is needed with ``grad_entropy``. The gradients are ``[N, T - shift]`` with any strides (the
+    backward of ``.sum(1)`` hands in a stride-0 expand), or None. With ``inplace=True`` the gradient overwrites
+    ``logits`` (same storage and strides): each program reads a block of its row before writing that block,
+    and rows are disjoint.
     """
     _check_launch_args(logits, labels)
     N, T, V = logits.shape
@@ -296,12 +319,18 @@ def logps_bwd(
     if N * T == 0:
         return grad
     cfg = logps_config(V, block_v)
+    has_logp_grad, has_entropy_grad = grad_logp is not None, grad_entropy is not None
+    if has_entropy_grad and (entropy is None or not entropy.is_contiguous()):
+        raise ValueError("grad_entropy needs the forward's contiguous [N, T - shift] entropy")
+    g_logp = grad_logp if has_logp_grad else lse[0]  # unused pointers get a valid float32 tensor
+    g_ent = grad_entropy if has_entropy_grad else lse[0]
     with _device_guard(logits):
         _logps_bwd_kernel[(N * T,)](
-            logits, labels, lse, grad_logp, grad,
+            logits, labels, lse, entropy if has_entropy_grad else lse, g_logp, g_ent, grad,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
-            grad_logp.stride(0), grad_logp.stride(1), grad.stride(0), grad.stride(1),
+            g_logp.stride(0), g_logp.stride(1), g_ent.stride(0), g_ent.stride(1), grad.stride(0), grad.stride(1),
             T, T - int(shift), N * (T - int(shift)), V, ignore_index, 1.0 / temperature,
-            SHIFT=int(shift), BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            SHIFT=int(shift), HAS_LOGP_GRAD=has_logp_grad, HAS_ENTROPY_GRAD=has_entropy_grad,
+            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
     return grad

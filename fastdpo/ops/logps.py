@@ -1,9 +1,9 @@
 """Autograd op: per-token label log-probs from logits, with a backward that never builds a softmax tensor.
 
 ``TokenLogpsFunction.apply(logits [N, T, V], labels [N, T], ref_logits or None, options)`` returns
-``(logp, stats, ref_logp, ref_stats)``: ``logp [N, T - shift]`` (float32, float64 for float64 logits; 0 on
-unscored tokens) carries the gradient; ``stats [len(STATS), N, T - shift]`` and the reference's outputs (or
-None) do not. Saved for backward: the logits (a reference, no copy), the labels and the per-token
+``(logp, entropy, stats, ref_logp, ref_stats)``: ``logp [N, T - shift]`` (float32, float64 for float64
+logits; 0 on unscored tokens) and ``entropy`` (when requested) carry gradients; ``stats
+[len(STATS), N, T - shift]`` and the reference's outputs (or None) do not. Saved for backward: the logits (a reference, no copy), the labels and the per-token
 log-sum-exp pair ``[2, N, T - shift]``. The backward recomputes each softmax row from the logits and writes
 ``dlogits = g / temperature * (onehot(label) - softmax(z))`` in the logits' dtype.
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from fastdpo import chunked
-from fastdpo._logps_outputs import LogpsForward
+from fastdpo._logps_outputs import STATS, LogpsForward
 
 try:
     from fastdpo.kernels import logps as triton_logps
@@ -79,17 +80,19 @@ class TokenLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ref_logits, options: LogpsOptions):
         out = _forward(logits, labels, ref_logits, options)
-        ctx.save_for_backward(logits, labels, out.lse)
+        # The entropy carries a gradient: its own allocation, not a view of the statistics buffer.
+        entropy = out.stats[STATS.index("entropy")].clone() if "entropy" in options.stats else None
+        ctx.save_for_backward(logits, labels, out.lse, entropy)
         ctx.options = options
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(*(x for x in out[2:] if x is not None))
-        return out.logp, out.stats, out.ref_logp, out.ref_stats
+        return out.logp, entropy, out.stats, out.ref_logp, out.ref_stats
 
     @staticmethod
-    def backward(ctx, grad_logp, *_):
-        if grad_logp is None or not ctx.needs_input_grad[0]:
+    def backward(ctx, grad_logp, grad_entropy, *_):
+        if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return None, None, None, None
-        logits, labels, lse = ctx.saved_tensors
+        logits, labels, lse, entropy = ctx.saved_tensors
         o = ctx.options
         grad = _impl(logits).logps_bwd(
             logits,
@@ -99,15 +102,25 @@ class TokenLogpsFunction(torch.autograd.Function):
             shift=o.shift,
             ignore_index=o.ignore_index,
             temperature=o.temperature,
+            entropy=entropy,
+            grad_entropy=grad_entropy,
             inplace=o.inplace_backward,
         )
         return grad, None, None, None
 
 
+class TokenOutputs(NamedTuple):
+    """``token_logps``'s result: ``logp`` and ``entropy`` (if requested) carry gradients, the rest does not."""
+
+    logp: torch.Tensor  # [N, T - shift]
+    entropy: torch.Tensor | None  # [N, T - shift]
+    stats: torch.Tensor | None  # [len(STATS), N, T - shift] (its entropy channel is detached)
+    ref_logp: torch.Tensor | None  # [N, T - shift]
+    ref_stats: torch.Tensor | None  # [len(STATS), N, T - shift]
+
+
 def token_logps(
     logits: torch.Tensor, labels: torch.Tensor, options: LogpsOptions, ref_logits: torch.Tensor | None = None
-) -> LogpsForward:
-    """Differentiable ``logp`` (``lse`` is left out: None) and the non-differentiable rest; arguments are
-    assumed validated."""
-    logp, stats, ref_logp, ref_stats = TokenLogpsFunction.apply(logits, labels, ref_logits, options)
-    return LogpsForward(logp, None, stats, ref_logp, ref_stats)
+) -> TokenOutputs:
+    """Per-token outputs of the fused sweep; arguments are assumed validated."""
+    return TokenOutputs(*TokenLogpsFunction.apply(logits, labels, ref_logits, options))
