@@ -61,12 +61,19 @@ def make_labels(
 
 def relative_error(actual: torch.Tensor, truth: torch.Tensor, scale: float = 0.0) -> tuple[float, int]:
     """(max |actual - truth| / max(max |truth|, scale), flat index of the worst element)."""
-    diff = (actual.double() - truth.double()).abs().flatten()
+    actual, truth = actual.detach().double().flatten(), truth.detach().double().flatten()
+    diff = (actual - truth).abs()
     if diff.numel() == 0:
         return 0.0, -1
-    diff = torch.where(torch.isnan(diff), torch.inf, diff)
+    # NaN where the truth is NaN is a match (the NaN-out policy); any other NaN or inf mismatch is the worst error.
+    both_nan = torch.isnan(actual) & torch.isnan(truth)
+    same_inf = torch.isinf(truth) & (actual == truth)
+    diff = torch.where(both_nan | same_inf, 0.0, torch.where(torch.isnan(diff), torch.inf, diff))
+    truth = truth[torch.isfinite(truth)]
+    if truth.numel() == 0:
+        return float(diff.max()), int(diff.argmax())
     worst = int(diff.argmax())
-    return float(diff[worst]) / max(float(truth.detach().double().abs().max()), scale, 1e-30), worst
+    return float(diff[worst]) / max(float(truth.abs().max()), scale, 1e-30), worst
 
 
 def assert_close_to_reference(

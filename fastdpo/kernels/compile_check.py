@@ -15,6 +15,7 @@ kernels have no local arrays or calls). Exit status: 0 ok, 1 a compile failure, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -39,7 +40,11 @@ DTYPES = ("bf16", "fp16", "fp32")  # of logits and grad_logits; labels are int64
 # fits, else i64); strides are checked as i64, the specialisation large tensors get (N * T * V passes 2^31).
 FLOAT_ARGS = {"inv_temperature"}
 INT_ARGS = {"T", "T_rows", "n_rows", "V", "ignore_index"}
-CONSTEXPRS = {"SHIFT": lambda cfg: 1, "BLOCK_V": lambda cfg: cfg.block_v}
+CONSTEXPRS = {"SHIFT": lambda cfg, flags: 1, "BLOCK_V": lambda cfg, flags: cfg.block_v}
+# Optional-feature flags (COMPUTE_<stat>, HAS_<grad>): each kernel is checked with the plain launch (only
+# HAS_LOGP_GRAD on) and with every flag on, the variant with the most live registers.
+FLAG_PREFIXES = ("COMPUTE_", "HAS_")
+VARIANTS = {"plain": lambda name: name == "HAS_LOGP_GRAD", "all": lambda name: True}
 
 
 def arg_type(name: str, dtype: str) -> str:
@@ -52,15 +57,18 @@ def arg_type(name: str, dtype: str) -> str:
     raise KeyError(f"compile_check: no type convention for kernel argument {name!r}; add it to FLOAT_ARGS/INT_ARGS")
 
 
-def make_source(kernel, dtype: str, cfg, aligned: bool) -> ASTSource:
+def make_source(kernel, dtype: str, cfg, aligned: bool, variant: str = "plain") -> ASTSource:
     """The launch the JIT specialises: 16-byte aligned tensors (fresh torch allocations) and, when V % 16 == 0,
     strides and V multiples of 16 (contiguous rows), which is what lets the row loads vectorise."""
     sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
+            if p.name.startswith(FLAG_PREFIXES):
+                sig[p.name], consts[p.name] = "constexpr", VARIANTS[variant](p.name)
+                continue
             if p.name not in CONSTEXPRS:
                 raise KeyError(f"compile_check: no value for constexpr {p.name!r}; add it to CONSTEXPRS")
-            sig[p.name], consts[p.name] = "constexpr", CONSTEXPRS[p.name](cfg)
+            sig[p.name], consts[p.name] = "constexpr", CONSTEXPRS[p.name](cfg, variant)
             continue
         sig[p.name] = arg_type(p.name, dtype)
         if p.name.endswith("_ptr") or (aligned and (p.name == "V" or p.name.startswith("stride_"))):
@@ -88,19 +96,21 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def check(kernels) -> list[dict]:
-    configs: dict = {}  # (LogpsConfig, aligned) -> the vocab sizes that launch it
-    for V in VOCABS:
-        configs.setdefault((logps_config(V), V % 16 == 0), []).append(V)
     rows = []
-    for kernel in kernels:
+    for kernel, variant in itertools.product(kernels, VARIANTS):
+        configs: dict = {}  # (LogpsConfig, aligned) -> the vocab sizes that launch it
+        for V in VOCABS:
+            cfg = logps_config(V, with_stats=variant == "all" and "fwd" in kernel.__name__)
+            configs.setdefault((cfg, V % 16 == 0), []).append(V)
         for dtype in DTYPES:
             for cc in CAPABILITIES:
                 for (cfg, aligned), vocabs in configs.items():
-                    row = {"kernel": kernel.__name__, "dtype": dtype, "target": f"sm_{cc}", "BLOCK_V": cfg.block_v,
-                           "num_warps": cfg.num_warps, "aligned16": aligned, "V": vocabs, "registers": None,
-                           "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None, "error": None}
+                    row = {"kernel": kernel.__name__, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",
+                           "BLOCK_V": cfg.block_v, "num_warps": cfg.num_warps, "aligned16": aligned, "V": vocabs,
+                           "registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
+                           "error": None}  # fmt: skip
                     try:
-                        src = make_source(kernel, dtype, cfg, aligned)
+                        src = make_source(kernel, dtype, cfg, aligned, variant)
                         k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
                         use = resource_usage(k.asm["cubin"])
                         row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
@@ -122,7 +132,7 @@ def main(argv=None) -> int:
     if not all(isinstance(k, triton.runtime.JITFunction) for k in kernels):
         sys.exit("compile_check: the kernels were built for the interpreter (TRITON_INTERPRET=1); run without it")
     rows = check(kernels)
-    head = ("kernel", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
+    head = ("kernel", "flags", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
             "static_shared_bytes", "spill_bytes")  # fmt: skip
     cell = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731
     table = [head] + [[cell(r[h]) for h in head] for r in rows]
@@ -133,7 +143,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     failed, spilled = [r for r in rows if r["error"]], [r for r in rows if r["spill_bytes"]]
     for r in failed + spilled:
-        what = f"{r['kernel']} {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
+        what = f"{r['kernel']} ({r['flags']}) {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
         if r["error"]:
             print(f"COMPILE FAILURE: {what}: {r['error']}", file=sys.stderr)
         else:

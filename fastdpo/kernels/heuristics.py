@@ -17,6 +17,9 @@ import triton
 MAX_BLOCK_V = 4096
 # Below this block size 4 warps already cover the block with >= 8 values per thread.
 WIDE_BLOCK_V = 2048
+# With the optional statistics (entropy, log sum p^2, mean, top-1) each value carries four more running terms:
+# at 4096 the forward spilled 8 bytes on sm_80 (compile_check), at 2048 it does not.
+MAX_BLOCK_V_WITH_STATS = 2048
 
 
 @dataclass(frozen=True)
@@ -27,13 +30,14 @@ class LogpsConfig:
     num_warps: int
 
 
-def logps_config(V: int, block_v: int | None = None) -> LogpsConfig:
-    """Pick ``BLOCK_V`` and ``num_warps`` for rows of ``V`` logits.
+def logps_config(V: int, block_v: int | None = None, *, with_stats: bool = False) -> LogpsConfig:
+    """Pick ``BLOCK_V`` and ``num_warps`` for rows of ``V`` logits (``with_stats``: a forward that also
+    computes per-token statistics).
 
     ``block_v`` overrides the block size (a power of two); tests use it to force several blocks per row.
     """
     if block_v is None:
-        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V_WITH_STATS if with_stats else MAX_BLOCK_V)
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     num_warps = 8 if block_v >= WIDE_BLOCK_V else 4

@@ -274,7 +274,7 @@ def logps_fwd(
     )
     if N * T_rows == 0:
         return out
-    cfg = logps_config(V, block_v)
+    cfg = logps_config(V, block_v, with_stats=bool(stats))
     ref = ref_logits if has_ref else logits  # unused pointers get a valid tensor of the right type
     stats_buf = out.stats if stats else out.logp
     with _device_guard(logits):
