@@ -59,8 +59,7 @@ def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
         scored = y != ignore_index
         in_vocab = (y >= 0) & (y < V)
         z = _scaled(logits[ns, ts], temperature, rows["dtype"])
-        top = z.argmax(-1, keepdim=True)
-        row_max = z.gather(-1, top).squeeze(-1)
+        row_max = z.amax(-1)  # amax, not argmax: several times faster on CPU
         row_max = torch.where(row_max == -torch.inf, 0.0, row_max)  # an all -inf row keeps max 0, as the kernel
         picked = z.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
         picked = torch.where(in_vocab, picked, torch.nan)  # out-of-vocabulary label: nan, never a wrong value
@@ -68,9 +67,9 @@ def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
         if "mean_logits" in stats:
             values["mean_logits"] = z.mean(-1)
         if "is_top1" in stats:
-            values["is_top1"] = (top.squeeze(-1) == y).to(rows["dtype"])
+            values["is_top1"] = (z.argmax(-1) == y).to(rows["dtype"])
         shifted = z.sub_(row_max.unsqueeze(-1))
-        e = shifted.exp()
+        e = shifted.exp() if "entropy" in stats else shifted.exp_()  # in place unless z - m is still needed
         log_norm = e.sum(-1).log()  # torch.sum sums in cascade: as precise as the kernels' block sums
         if "entropy" in stats:  # H = log l - sum e (z - m) / l; 0 log 0 = 0 on masked vocab
             values["entropy"] = log_norm - torch.where(e > 0, e * shifted, 0.0).sum(-1) / e.sum(-1)
