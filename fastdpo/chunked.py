@@ -96,12 +96,13 @@ def logps_fwd(
     """Same contract as ``fastdpo.kernels.logps.logps_fwd``; float64 outputs for float64 logits."""
     check_stats(stats)
     N, T, V = logits.shape
-    row_labels = _row_labels(labels, shift, T, ignore_index)[:, : T - int(shift)]
+    T_rows = T - int(shift)
+    row_labels = _row_labels(labels, shift, T, ignore_index)[:, :T_rows]
     kw = dict(ignore_index=ignore_index, temperature=temperature, stats=stats)
-    logp, lse, stats_out = _fwd_one(logits, row_labels, V, **kw)
+    logp, lse, stats_out = _fwd_one(logits[:, :T_rows], row_labels, V, **kw)  # scored rows only
     ref_logp = ref_stats = None
     if ref_logits is not None:
-        ref_logp, _, ref_stats = _fwd_one(ref_logits, row_labels, V, **kw)
+        ref_logp, _, ref_stats = _fwd_one(ref_logits[:, :T_rows], row_labels, V, **kw)
     return LogpsForward(logp, lse, stats_out, ref_logp, ref_stats)
 
 

@@ -207,3 +207,26 @@ def test_entropy_gradient(impl, dtype, device):
         slack = downcast_slack(dtype, triton_path=impl is triton_logps)
         assert_close_to_reference(grad, reference_grad(torch.float64), reference_grad(torch.float32).to(dtype),
                                   dtype, "grad", slack=slack)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7])
+def test_chunked_path_splits_rows_and_positions(chunk_rows, shift, device, monkeypatch):
+    """Realistic V makes the PyTorch path split sequences along T; tiny chunks do the same at test sizes."""
+    N, T, V = 3, 8, 100
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", chunk_rows * V)
+    logits, labels = make_logits(N, T, V, torch.float32, device), make_labels(N, T, V, device)
+    ref_logits = make_logits(N, T, V, torch.float32, device)
+    kw = dict(shift=shift, ignore_index=IGNORE, temperature=1.0)
+    out = chunked.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, **kw)
+    g = torch.randn_like(out.logp)
+    entropy = out.stats[STATS.index("entropy")].contiguous()
+    grad = chunked.logps_bwd(logits, labels, out.lse, g, entropy=entropy, grad_entropy=g, **kw)
+    x = logits.double().requires_grad_()
+    truth = reference.token_logps(x, labels, ignore_index=IGNORE, shift=shift, outputs=("log_probs", "entropy"))
+    (truth_grad,) = torch.autograd.grad(((truth.log_probs + truth.entropy) * g.double()).sum(), x)
+    torch.testing.assert_close(out.logp.double(), truth.log_probs.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), truth.entropy.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), truth_grad, rtol=1e-5, atol=1e-6)
+    ref_truth = reference.token_logps(ref_logits.double(), labels, ignore_index=IGNORE, shift=shift)
+    torch.testing.assert_close(out.ref_logp.double(), ref_truth.log_probs, rtol=1e-5, atol=1e-5)

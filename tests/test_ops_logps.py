@@ -1,11 +1,13 @@
 """Autograd-level tests of ``sequence_logps`` on both backends: gradients, views, in-place backward,
 determinism, gradcheck, saved-state safety."""
 
+import os
+
 import pytest
 import torch
 
 import fastdpo
-from fastdpo import reference
+from fastdpo import chunked, reference
 from fastdpo._testing import assert_close_to_reference, downcast_slack, make_labels, make_logits
 from fastdpo.ops.logps import LogpsOptions, select_backend, token_logps
 
@@ -107,3 +109,34 @@ def test_no_grad_forward_saves_nothing(backend, device):
     with torch.no_grad():
         out = fastdpo.sequence_logps(logits.requires_grad_(), labels)
     assert out.grad_fn is None
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest new storage any aten op returns (views of an input's storage do not count);
+    Triton launches allocate through torch.empty/zeros, so they are seen too."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat_inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in flat_inputs if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def test_reference_forward_allocates_nothing_of_size_n_by_v(backend, device, monkeypatch):
+    """sequence_logps under no_grad (a reference model) allocates O(N·T), never O(N·T·V); the PyTorch path's
+    working chunk is bounded by CHUNK_ELEMENTS (shrunk here so the bound is visible at test sizes)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's CPU interpreter copies kernel arguments; the kernels' own allocations are O(N·T)")
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 1000)
+    logits = make_logits(4, 16, 1000, torch.bfloat16, device)
+    labels = make_labels(4, 16, 1000, device)
+    with torch.no_grad(), _LargestAllocation() as mode:
+        fastdpo.sequence_logps(logits, labels)
+    assert mode.largest <= 4 * 1000 * 4 + 4096, mode.largest  # one fp32 chunk at most, far below 4·16·1000·2 B
