@@ -87,7 +87,8 @@ def check_packing(
 ) -> torch.Tensor | None:
     """``cu_seq_lens`` ``[S + 1]`` of a packed batch (derived from ``position_ids`` if given), or None if padded.
 
-    The value checks (starts at 0, ends at total_T, strictly increasing) cost one host sync per call."""
+    The value checks (starts at 0, ends at total_T, strictly increasing) cost one host sync per call, and
+    ``position_ids`` one more; explicit ``pairs`` are checked with one more."""
     from fastdpo.sequences import cu_seq_lens_from_position_ids
 
     if cu_seq_lens is None and position_ids is None:
@@ -115,8 +116,10 @@ def check_packing(
     return cu_seq_lens
 
 
-def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device) -> torch.Tensor:
-    """``[B, 2]`` (chosen, rejected) sequence indices; by default sequence i pairs with sequence B + i."""
+def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device, *, distinct: bool = False) -> torch.Tensor:
+    """``[B, 2]`` (chosen, rejected) sequence indices; by default sequence i pairs with sequence B + i.
+
+    ``distinct``: no sequence may appear twice (LD-DPO weights a sequence by its pair's shared length)."""
     if pairs is None:
         B = check_pairs(S)
         return torch.stack([torch.arange(B, device=device), torch.arange(B, 2 * B, device=device)], dim=1)
@@ -127,6 +130,9 @@ def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device) -> t
         raise ValueError(f"pairs must be on the logits' device {device}, got {pairs.device}")
     if bool(((pairs < 0) | (pairs >= S)).any()):
         raise ValueError(f"pairs must index the {S} sequences of the batch, got values outside [0, {S})")
+    if distinct and pairs.unique().numel() != pairs.numel():
+        raise ValueError("pairs must not reuse a sequence with ld_alpha: LD-DPO weights each sequence by the "
+                         "shared length of its one pair")  # fmt: skip
     return pairs.long()
 
 

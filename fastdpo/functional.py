@@ -69,13 +69,16 @@ def sequence_logps(
     inplace_backward: bool = False,
     cu_seq_lens: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    ld_alpha: float | None = None,
+    pairs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum (or, with ``average=True``, mean over scored tokens) of each sequence's label log-probs.
 
     logits ``[N, T, V]`` float16/bfloat16/float32/float64, labels ``[N, T]`` integer -> ``[N]`` float32
     (float64 for float64 logits); packed (``cu_seq_lens``/``position_ids``, N = 1) -> ``[S]``. A sequence with
     no scored token gives 0. Under ``torch.no_grad()`` (a reference model) nothing of size N x T x V is
-    allocated.
+    allocated. With ``ld_alpha`` the batch is read as DPO pairs (``pairs``, default sequence i with B + i) and
+    the sums are LD-DPO weighted, as ``dpo_loss`` weights them (what precomputed reference sums need).
     """
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index)
     layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(logits, cu_seq_lens,
@@ -84,11 +87,16 @@ def sequence_logps(
     options = logps_op.LogpsOptions(
         shift=shift, ignore_index=ignore_index, temperature=float(temperature), inplace_backward=inplace_backward
     )
-    total = layout.sums(logps_op.token_logps(logits, labels, options).logp)
-    if not average:
-        return total
-    scored = (labels[:, int(shift) :] != ignore_index).to(total.dtype)
-    return total / layout.sums(scored).clamp(min=1)
+    per_token = logps_op.token_logps(logits, labels, options).logp
+    scored = (labels[:, int(shift) :] != ignore_index).to(per_token.dtype)
+    if ld_alpha is not None:
+        if not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
+        pairs = _validation.resolve_pairs(pairs, layout.num_sequences, logits.device, distinct=True)
+        per_token = per_token * _ld_alpha_weights(ld_alpha, layout, scored, by_pair_of(pairs, layout.sums(scored)),
+                                                  pairs)
+    total = layout.sums(per_token)
+    return total / layout.sums(scored).clamp(min=1) if average else total
 
 
 def dpo_loss(
@@ -136,7 +144,7 @@ def dpo_loss(
     _validation.check_ref_logits(ref_logits, logits)
     layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(logits, cu_seq_lens,
                                                                                          position_ids))
-    pairs = _validation.resolve_pairs(pairs, layout.num_sequences, logits.device)
+    pairs = _validation.resolve_pairs(pairs, layout.num_sequences, logits.device, distinct=ld_alpha is not None)
     B = pairs.shape[0]
     _validation.check_reference_logps("ref_chosen_logps", ref_chosen_logps, B, logits.device)
     _validation.check_reference_logps("ref_rejected_logps", ref_rejected_logps, B, logits.device)

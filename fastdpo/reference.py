@@ -58,14 +58,15 @@ def token_logps(
 
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True,
-    average: bool = False, temperature: float = 1.0, inplace_backward: bool = False,
+    average: bool = False, temperature: float = 1.0, inplace_backward: bool = False, ld_alpha: float | None = None,
 ) -> torch.Tensor:
-    """``[N]`` sum (or mean over scored tokens, 0 for none) of label log-probs, in the logits' dtype."""
+    """``[N]`` sum (or mean over scored tokens, 0 for none) of label log-probs, in the logits' dtype; with
+    ``ld_alpha``, TRL's LD-DPO weighted sums of a chosen-then-rejected padded batch (``compute_ref_log_probs``).
+    Packed batches and ``pairs`` are ``fastdpo.sequence_logps``'s only (``dpo_loss`` here has them)."""
     per_token = token_logps(logits, labels, ignore_index=ignore_index, shift=shift, temperature=temperature).log_probs
-    if not average:
-        return per_token.sum(1)
-    n_scored = (labels[:, int(shift):] != ignore_index).sum(1).clamp(min=1)
-    return per_token.sum(1) / n_scored
+    shift_mask = labels[:, int(shift):] != ignore_index
+    total = _weighted_sums(per_token, shift_mask, ld_alpha)
+    return total / shift_mask.sum(1).clamp(min=1) if average else total
 
 
 # ----------------------------------------------------------------------------------------------- packed input

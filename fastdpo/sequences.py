@@ -74,7 +74,7 @@ class SequenceLayout:
 
 def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """``[1, total_T]`` positions restarting at 0 per sequence -> ``cu_seq_lens`` ``[S + 1]`` (one host sync,
-    for the number of sequences; pass ``cu_seq_lens`` directly to avoid it)."""
+    for the number of sequences; passing ``cu_seq_lens`` saves it, though its values are still validated)."""
     flat = position_ids.reshape(-1)
     starts = torch.nonzero(flat == 0).squeeze(1)
     end = torch.tensor([flat.numel()], device=flat.device)

@@ -143,3 +143,25 @@ def test_invalid_options_raise(kw, match, device):
     logits, labels, ref_c, ref_r = _batch(2, 6, 50, torch.float32, device)
     with pytest.raises(ValueError, match=match):
         fastdpo.dpo_loss(logits, labels, ref_c, ref_r, **kw)
+
+
+def test_precomputed_ld_alpha_reference_sums_equal_ref_logits(backend, device):
+    """TRL weights the reference log-probs with LD-DPO too: sequence_logps(..., ld_alpha) precomputes them."""
+    logits, labels, _, _ = _batch(3, 9, 80, torch.float32, device)
+    ref_logits = make_logits(6, 9, 80, torch.float32, device)
+    with torch.no_grad():
+        ref_sums = fastdpo.sequence_logps(ref_logits, labels, ld_alpha=0.3)
+        truth = reference.sequence_logps(ref_logits.double(), labels, ld_alpha=0.3)
+        via_logits = fastdpo.dpo_loss(logits, labels, ref_logits=ref_logits, ld_alpha=0.3)
+        via_sums = fastdpo.dpo_loss(logits, labels, *ref_sums.chunk(2), ld_alpha=0.3)
+    torch.testing.assert_close(ref_sums.double(), truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_sums.loss, via_logits.loss, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ref_sums, fastdpo.sequence_logps(ref_logits, labels))  # the weighting matters here
+
+
+def test_ld_alpha_rejects_a_reused_sequence(device):
+    logits, labels, ref_c, ref_r = _batch(2, 6, 50, torch.float32, device)
+    pairs = torch.tensor([[0, 2], [0, 3]], device=device)
+    assert fastdpo.dpo_loss(logits, labels, ref_c, ref_r, pairs=pairs).loss.isfinite()  # fine without LD-DPO
+    with pytest.raises(ValueError, match="reuse a sequence"):
+        fastdpo.dpo_loss(logits, labels, ref_c, ref_r, pairs=pairs, ld_alpha=0.5)
