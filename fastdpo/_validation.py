@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from fastdpo.sequences import cu_seq_lens_from_position_ids
+
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -89,8 +91,6 @@ def check_packing(
 
     The value checks (starts at 0, ends at total_T, strictly increasing) cost one host sync per call, and
     ``position_ids`` one more; explicit ``pairs`` are checked with one more."""
-    from fastdpo.sequences import cu_seq_lens_from_position_ids
-
     if cu_seq_lens is None and position_ids is None:
         return None
     N, T = logits.shape[:2]
