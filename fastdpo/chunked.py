@@ -11,6 +11,7 @@ sums less precisely on CPU (1e-5 in log-probs at V = 2^18), so the sums here are
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -42,13 +43,32 @@ def _row_labels(labels: torch.Tensor, shift: bool, T: int, ignore_index: int) ->
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)[:, :T]
 
 
-def _scaled(chunk: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """A working copy of the chunk, z = x / temperature in ``dtype``, free to modify in place."""
-    z = chunk.to(dtype, copy=True)
-    return z if temperature == 1.0 else z.div_(temperature)
+class _Transform(NamedTuple):
+    """z = f(x): a x / temperature, or c tanh(a x / c) / temperature with softcap c (as in the kernels)."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def apply(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A working copy f(chunk) in ``dtype``, free to modify in place."""
+        z = chunk.to(dtype, copy=True)
+        if self.logit_scale != 1.0:
+            z.mul_(self.logit_scale)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z if self.temperature == 1.0 else z.div_(self.temperature)
+
+    def derivative(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+        """f'(x): a / temperature, times 1 - tanh^2(a x / c) with softcapping."""
+        scale = self.logit_scale / self.temperature
+        if self.softcap is None:
+            return scale
+        t = chunk.to(dtype).mul(self.logit_scale / self.softcap).tanh_()
+        return t.square_().neg_().add_(1.0).mul_(scale)
 
 
-def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
+def _fwd_one(logits, row_labels, V, *, ignore_index, transform: _Transform, stats):
     """(logp, lse, stats) of one logits tensor, as ``LogpsForward`` lays them out."""
     N, T_rows = row_labels.shape
     rows = dict(dtype=_compute_dtype(logits.dtype), device=logits.device)
@@ -58,7 +78,7 @@ def _fwd_one(logits, row_labels, V, *, ignore_index, temperature, stats):
         y = row_labels[ns, ts]
         scored = y != ignore_index
         in_vocab = (y >= 0) & (y < V)
-        z = _scaled(logits[ns, ts], temperature, rows["dtype"])
+        z = transform.apply(logits[ns, ts], rows["dtype"])
         row_max = z.amax(-1)  # amax, not argmax: several times faster on CPU
         row_max = torch.where(row_max == -torch.inf, 0.0, row_max)  # an all -inf row keeps max 0, as the kernel
         picked = z.gather(-1, torch.where(in_vocab, y, 0).unsqueeze(-1)).squeeze(-1)
@@ -90,6 +110,8 @@ def logps_fwd(
     shift: bool,
     ignore_index: int,
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ref_logits: torch.Tensor | None = None,
     stats: tuple[str, ...] = (),
 ) -> LogpsForward:
@@ -98,7 +120,7 @@ def logps_fwd(
     N, T, V = logits.shape
     T_rows = T - int(shift)
     row_labels = _row_labels(labels, shift, T, ignore_index)[:, :T_rows]
-    kw = dict(ignore_index=ignore_index, temperature=temperature, stats=stats)
+    kw = dict(ignore_index=ignore_index, transform=_Transform(temperature, logit_scale, softcap), stats=stats)
     logp, lse, stats_out = _fwd_one(logits[:, :T_rows], row_labels, V, **kw)  # scored rows only
     ref_logp = ref_stats = None
     if ref_logits is not None:
@@ -115,14 +137,20 @@ def logps_bwd(
     shift: bool,
     ignore_index: int,
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     entropy: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,
     inplace: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``fastdpo.kernels.logps.logps_bwd``."""
     N, T, V = logits.shape
-    grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if out is None:
+        out = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    grad = out
     work = _compute_dtype(logits.dtype)
+    transform = _Transform(temperature, logit_scale, softcap)
 
     def rows(x):  # [N, T - shift] -> [N, T]: the last row has no entry when shifted
         return None if x is None else torch.nn.functional.pad(x.to(work), (0, int(shift)))
@@ -133,19 +161,21 @@ def logps_bwd(
     for ns, ts in _chunks(N, T, V):
         y = row_labels[ns, ts]
         scored = y != ignore_index
-        z = _scaled(logits[ns, ts], temperature, work)
+        z = transform.apply(logits[ns, ts], work)
         log_p = z.sub_(max_rows[ns, ts].unsqueeze(-1)).sub_(log_norm_rows[ns, ts].unsqueeze(-1))
         if g_ent is None:
-            dz = log_p.exp_().mul_(-(g_logp[ns, ts] / temperature).unsqueeze(-1))
-        else:  # - g_H / temperature * p (log p + H)
+            dz = log_p.exp_().mul_(-g_logp[ns, ts].unsqueeze(-1))
+        else:  # - g_H p (log p + H)
             p = log_p.exp()
             dz = torch.where(p > 0, p * (log_p + ent[ns, ts].unsqueeze(-1)), 0.0)
-            dz.mul_(-(g_ent[ns, ts] / temperature).unsqueeze(-1))
+            dz.mul_(-g_ent[ns, ts].unsqueeze(-1))
             if g_logp is not None:
-                dz.sub_(p * (g_logp[ns, ts] / temperature).unsqueeze(-1))
-        if g_logp is not None:  # + g / temperature at the label
-            coef = g_logp[ns, ts] / temperature
+                dz.sub_(p * g_logp[ns, ts].unsqueeze(-1))
+        if g_logp is not None:  # + g at the label
             hit = scored & (y >= 0) & (y < V)
-            dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), torch.where(hit, coef, 0.0).unsqueeze(-1))
+            coef = torch.where(hit, g_logp[ns, ts], 0.0).unsqueeze(-1)
+            dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), coef)
+        if transform != _Transform():
+            dz.mul_(transform.derivative(logits[ns, ts], work))  # dlogits = dz f'(x)
         grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # unscored rows: 0, whatever they hold
     return grad

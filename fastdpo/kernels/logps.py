@@ -1,12 +1,14 @@
 """Triton kernels: per-token log-probabilities of labels, read straight from strided logits.
 
-Maths, per scored row r = (n, t) with label y = labels[n, t + SHIFT] and z = logits[n, t, :] / temperature:
+Maths, per scored row r = (n, t) with label y = labels[n, t + SHIFT] and z = f(logits[n, t, :]), where
+f(x) = a x / temperature, or c tanh(a x / c) / temperature with softcapping (Gemma's final_logit_softcapping c,
+Cohere's logit scale a; the fused-linear path feeds raw projection tiles through it):
 
     lse[r]  = m + log l,  m = max_v z[v],  l = sum_v exp(z[v] - m)    (online, one read of the row in
               BLOCK_V chunks: m' = max(m, max_b z); l' = l e^(m - m') + sum_b e^(z - m'))
     logp[r] = (z[y] - m) - log l
-    dlogits[n, t, v] = g[r] / temperature * (1[v = y] - exp((z[v] - m) - log l))
-                       - g_H[r] / temperature * p[v] (log p[v] + H[r])     (when the entropy has a gradient)
+    dz[v] = g[r] (1[v = y] - exp((z[v] - m) - log l)) - g_H[r] p[v] (log p[v] + H[r])   (g_H: entropy's grad)
+    dlogits[n, t, v] = dz[v] f'(x[v]),  f'(x) = a / temperature, times (1 - tanh^2(a x / c)) with softcapping
 
 The log-sum-exp is kept as the pair (m, log l), not rounded to one float: z - m is exact for the logits that
 carry the probability mass, so log-probs and softmax keep full float32 precision however large the logits
@@ -54,6 +56,17 @@ def _label_of_row(labels_ptr, n, t_label, stride_labels_n, stride_labels_t, T, V
 
 
 @triton.jit
+def _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP: tl.constexpr):
+    """z = f(x) and t = tanh(a x / c) (the softcap's derivative is 1 - t^2; t = 0 without softcapping)."""
+    if SOFTCAP:
+        # tanh(u) = 1 - 2 / (e^(2u) + 1): exact limits +-1 when e^(2u) overflows or vanishes; absolute error
+        # ~1 ulp of 1, i.e. c * 6e-8 in z, below float32 resolution of z itself once |z| > 1.
+        t = 1.0 - 2.0 / (tl.exp(2.0 * (x * logit_scale / softcap)) + 1.0)
+        return softcap * t * inv_temperature, t
+    return x * (logit_scale * inv_temperature), 0.0
+
+
+@triton.jit
 def _logps_fwd_kernel(
     logits_ptr,
     ref_logits_ptr,
@@ -74,8 +87,11 @@ def _logps_fwd_kernel(
     n_rows,
     V,
     ignore_index,
+    logit_scale,
+    softcap,
     inv_temperature,
     SHIFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr,
     COMPUTE_SUM_SQ: tl.constexpr,
     COMPUTE_MEAN: tl.constexpr,
@@ -112,7 +128,10 @@ def _logps_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + offs_v
         mask_v = offs < V
-        z = tl.load(row_ptr + offs, mask=mask_v, other=float("-inf")).to(tl.float32) * inv_temperature
+        x = tl.load(row_ptr + offs, mask=mask_v, other=float("-inf")).to(tl.float32)
+        z, _ = _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP)
+        if SOFTCAP:  # c tanh(-inf) = -c: padding lanes must stay -inf
+            z = tl.where(mask_v, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=0))
         # Shift by 0 while every logit seen so far is -inf, so no (-inf) - (-inf) = nan appears.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -136,7 +155,8 @@ def _logps_fwd_kernel(
     log_l = tl.log(l_i)
 
     # One extra element read; an out-of-vocabulary label is never dereferenced and yields nan, not garbage.
-    z_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32) * inv_temperature
+    x_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32)
+    z_label, _ = _transformed(x_label, logit_scale, softcap, inv_temperature, SOFTCAP)
     tl.store(logp_out, (z_label - m_i) - log_l)
     tl.store(lse_ptr + row, m_i, mask=which == 0)  # only the policy's backward needs it
     tl.store(lse_ptr + n_rows + row, log_l, mask=which == 0)
@@ -174,8 +194,11 @@ def _logps_bwd_kernel(
     n_rows,
     V,
     ignore_index,
+    logit_scale,
+    softcap,
     inv_temperature,
     SHIFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     HAS_LOGP_GRAD: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -191,12 +214,12 @@ def _logps_bwd_kernel(
     coef = 0.0
     if HAS_LOGP_GRAD:
         g = tl.load(grad_logp_ptr + n * stride_grad_logp_n + t * stride_grad_logp_t, mask=scored, other=0.0)
-        coef = g.to(tl.float32) * inv_temperature
+        coef = g.to(tl.float32)
     coef_h = 0.0
     entropy = 0.0
     if HAS_ENTROPY_GRAD:
         g_h = tl.load(grad_entropy_ptr + n * stride_grad_entropy_n + t * stride_grad_entropy_t, mask=scored, other=0.0)
-        coef_h = g_h.to(tl.float32) * inv_temperature
+        coef_h = g_h.to(tl.float32)
         entropy = tl.load(entropy_ptr + n * T_rows + t, mask=scored, other=0.0)
 
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
@@ -206,12 +229,16 @@ def _logps_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + offs_v
         mask_v = offs < V
-        z = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(tl.float32) * inv_temperature
+        x = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(tl.float32)
+        z, t_cap = _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP)
         log_p = (z - m_i) - log_l
         p = tl.exp(log_p)
         dz = coef * (tl.where(offs == label, 1.0, 0.0) - p)
         if HAS_ENTROPY_GRAD:
             dz -= coef_h * tl.where(p > 0.0, p * (log_p + entropy), 0.0)  # dH/dz_v = -p_v (log p_v + H)
+        dz = dz * (logit_scale * inv_temperature)  # f'(x)
+        if SOFTCAP:
+            dz = dz * (1.0 - t_cap * t_cap)
         dz = tl.where(scored, dz, 0.0)
         tl.store(grad_row_ptr + offs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask_v)
 
@@ -243,11 +270,14 @@ def logps_fwd(
     shift: bool,
     ignore_index: int,
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     ref_logits: torch.Tensor | None = None,
     stats: tuple[str, ...] = (),
     block_v: int | None = None,
 ) -> LogpsForward:
-    """Per-token log-probs, log-sum-exps and the requested ``stats`` (see ``fastdpo._logps_outputs``).
+    """Per-token log-probs, log-sum-exps and the requested ``stats`` (see ``fastdpo._logps_outputs``) of
+    z = f(logits) (``logit_scale``, ``softcap``, ``temperature``: see the module docstring).
 
     logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]``. ``ref_logits`` (same shape and dtype, any
     strides) are read in the same launch, as a second slice of the grid.
@@ -282,8 +312,8 @@ def logps_fwd(
             logits, ref, labels, out.logp, out.ref_logp if has_ref else out.logp, out.lse,
             stats_buf, out.ref_stats if stats and has_ref else stats_buf,
             logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), labels.stride(0), labels.stride(1),
-            T, T_rows, N * T_rows, V, ignore_index, 1.0 / temperature,
-            SHIFT=int(shift), COMPUTE_ENTROPY="entropy" in stats, COMPUTE_SUM_SQ="log_sum_sq_probs" in stats,
+            T, T_rows, N * T_rows, V, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
+            SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats, COMPUTE_SUM_SQ="log_sum_sq_probs" in stats,
             COMPUTE_MEAN="mean_logits" in stats, COMPUTE_TOP1="is_top1" in stats,
             BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -299,13 +329,17 @@ def logps_bwd(
     shift: bool,
     ignore_index: int,
     temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     entropy: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,
     inplace: bool = False,
+    out: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp) + sum(grad_entropy * entropy)`` with respect to logits, ``[N, T, V]``
-    in the logits' dtype.
+    in the logits' dtype, or written into ``out`` (``[N, T, V]``, unit stride in V, any float dtype: the
+    fused-linear path reads float32 tiles and writes the gradient in the matmul's bf16/fp16).
 
     ``lse`` is ``[2, N, T - shift]`` from ``logps_fwd``; ``entropy`` (contiguous ``[N, T - shift]``, from the
     forward) is needed with ``grad_entropy``. The gradients are ``[N, T - shift]`` with any strides (the
@@ -315,7 +349,11 @@ def logps_bwd(
     """
     _check_launch_args(logits, labels)
     N, T, V = logits.shape
-    grad = logits if inplace else torch.empty((N, T, V), dtype=logits.dtype, device=logits.device)
+    if out is not None and (out.shape != logits.shape or out.stride(-1) != 1 or out.dtype not in SUPPORTED_DTYPES):
+        raise ValueError(f"out must be a float [N, T, V] = {tuple(logits.shape)} buffer, unit-stride in V")
+    if out is None:
+        out = logits if inplace else torch.empty((N, T, V), dtype=logits.dtype, device=logits.device)
+    grad = out
     if N * T == 0:
         return grad
     cfg = logps_config(V, block_v)
@@ -329,8 +367,8 @@ def logps_bwd(
             logits, labels, lse, entropy if has_entropy_grad else lse, g_logp, g_ent, grad,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
             g_logp.stride(0), g_logp.stride(1), g_ent.stride(0), g_ent.stride(1), grad.stride(0), grad.stride(1),
-            T, T - int(shift), N * (T - int(shift)), V, ignore_index, 1.0 / temperature,
-            SHIFT=int(shift), HAS_LOGP_GRAD=has_logp_grad, HAS_ENTROPY_GRAD=has_entropy_grad,
+            T, T - int(shift), N * (T - int(shift)), V, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
+            SHIFT=int(shift), SOFTCAP=softcap is not None, HAS_LOGP_GRAD=has_logp_grad, HAS_ENTROPY_GRAD=has_entropy_grad,
             BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
     return grad

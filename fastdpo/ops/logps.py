@@ -38,6 +38,8 @@ class LogpsOptions:
     shift: bool = True
     ignore_index: int = -100
     temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
     inplace_backward: bool = False
     stats: tuple[str, ...] = ()  # names from fastdpo._logps_outputs.STATS
 
@@ -62,17 +64,19 @@ def select_backend(logits: torch.Tensor) -> str:
     return "triton"
 
 
-def _impl(logits: torch.Tensor):
+def impl_for(logits: torch.Tensor):
+    """The module (Triton launchers or ``fastdpo.chunked``) that runs these logits."""
     return triton_logps if select_backend(logits) == "triton" else chunked
 
 
 def _forward(logits, labels, ref_logits, o: LogpsOptions) -> LogpsForward:
-    kw = dict(shift=o.shift, ignore_index=o.ignore_index, temperature=o.temperature, stats=o.stats)
-    impl = _impl(logits)
+    kw = dict(shift=o.shift, ignore_index=o.ignore_index, temperature=o.temperature, logit_scale=o.logit_scale,
+              softcap=o.softcap, stats=o.stats)
+    impl = impl_for(logits)
     if ref_logits is None or (impl is triton_logps and ref_logits.dtype == logits.dtype):
         return impl.logps_fwd(logits, labels, ref_logits=ref_logits, **kw)
     # Reference logits of another dtype cannot share the launch: a second one, forward only.
-    ref = _impl(ref_logits).logps_fwd(ref_logits, labels, **kw)
+    ref = impl_for(ref_logits).logps_fwd(ref_logits, labels, **kw)
     return impl.logps_fwd(logits, labels, **kw)._replace(ref_logp=ref.logp, ref_stats=ref.stats)
 
 
@@ -94,7 +98,7 @@ class TokenLogpsFunction(torch.autograd.Function):
             return None, None, None, None
         logits, labels, lse, entropy = ctx.saved_tensors
         o = ctx.options
-        grad = _impl(logits).logps_bwd(
+        grad = impl_for(logits).logps_bwd(
             logits,
             labels,
             lse,
@@ -102,6 +106,8 @@ class TokenLogpsFunction(torch.autograd.Function):
             shift=o.shift,
             ignore_index=o.ignore_index,
             temperature=o.temperature,
+            logit_scale=o.logit_scale,
+            softcap=o.softcap,
             entropy=entropy,
             grad_entropy=grad_entropy,
             inplace=o.inplace_backward,

@@ -1,0 +1,215 @@
+"""Autograd op: per-token label log-probs of ``hidden @ weight.T (+ bias)``, tile by tile; the ``[R, V]``
+logits are never materialised.
+
+``FusedLinearLogpsFunction.apply(hidden [R, D], weight [V, D], bias [V] or None, targets [R], options)`` returns
+``(logp [R], entropy [R] or None, stats [len(STATS), R] or None)``, float32, 0 on rows whose target is
+``ignore_index``. Those rows are neither projected nor read: the M scored rows are gathered ``tile_rows`` at a
+time (``tile_rows = tile_elements // V``, a multiple of 16), and each tile goes through the logits kernels of
+``fastdpo.kernels.logps`` (or the chunked PyTorch path), which apply the logit transform f (logit scale,
+softcapping, temperature) on the fly:
+
+    forward   x = h_tile @ W.T (+ b), kept in float32 (the matmul's accumulator: rounding x to bf16 before the
+              log-sum-exp costs ~0.4 nats on a 256-token sequence), then one sweep: lse pair, label logit,
+              optional statistics. Saved for backward: the lse pair, O(M).
+    backward  recompute x; dx = dz f'(x) written by the backward kernel in the matmul dtype;
+              dH_tile = dx @ W, dW += dx.T @ h_tile (float32 accumulator across tiles), db += sum_rows dx.
+
+FLOPs: 2 M D V forward, 6 M D V backward (8 M D V in all; see ``benchmarks/NOTES.md`` for the alternatives).
+Extra memory: one float32 tile plus one tile of the matmul dtype (6 bytes per element in bf16), a float32
+``[V, D]`` dW accumulator when there is more than one tile, and O(M) per-token vectors: independent of the
+number of sequences and of their length.
+
+A ZeRO-3 partitioned weight (DeepSpeed) is gathered for the forward and again for the backward, as TRL does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from fastdpo._logps_outputs import STATS, LogpsForward
+from fastdpo.ops.logps import impl_for
+
+TILE_ROW_MULTIPLE = 16  # tensor-core friendly GEMM heights
+# Logits per tile. CUDA: 2^26 (256 MB float32 + 128 MB bf16 gradient tile): at V = 128256 that is 512 rows, a
+# GEMM of 512 x D x V (0.5 TFLOP at D = 4096) per tile, long enough to hide the launches between tiles.
+# CPU: 2^22, the chunked path's working set.
+CUDA_TILE_ELEMENTS = 1 << 26
+CPU_TILE_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class FusedLinearOptions:
+    ignore_index: int = -100
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    stats: tuple[str, ...] = ()  # names from fastdpo._logps_outputs.STATS
+    tile_elements: int | None = None  # None: CUDA_TILE_ELEMENTS on CUDA, CPU_TILE_ELEMENTS elsewhere
+
+
+def tile_rows(V: int, device: torch.device, tile_elements: int | None) -> int:
+    """Scored rows per tile: ``tile_elements // V`` rounded down to a multiple of 16, at least 16."""
+    if tile_elements is None:
+        tile_elements = CUDA_TILE_ELEMENTS if device.type == "cuda" else CPU_TILE_ELEMENTS
+    rows = tile_elements // max(V, 1)
+    return max(TILE_ROW_MULTIPLE, rows - rows % TILE_ROW_MULTIPLE)
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmul's input dtype: autocast's when it is on (as ``nn.Linear`` would run), else the promoted one."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _has_fp32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """cuBLAS bf16/fp16 GEMMs with a float32 output (``torch.mm(..., out_dtype=)``, CUDA, torch >= 2.8)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and hasattr(torch.ops.aten.mm, "dtype")
+
+
+class _Projection:
+    """The LM head in the matmul dtype, and its float32 products without rounding to that dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.dtype = dtype
+        self.weight = weight.to(dtype)  # no copy unless autocast or mixed dtypes ask for one
+        self.bias = None if bias is None else bias.float()
+        self.fp32_out = _has_fp32_out_mm(weight.device, dtype)
+        # Without a float32-output GEMM (CPU), multiply float32 copies: bf16 x bf16 products are exact in float32,
+        # so this is the same math as the tensor-core GEMM with its float32 accumulator.
+        self.weight32 = self.weight if self.fp32_out or dtype == torch.float32 else self.weight.float()
+
+    def grad_hidden(self, dx: torch.Tensor) -> torch.Tensor:
+        """dH = dx @ W, ``[rows, D]`` in the matmul dtype (one GEMM over V: float32 accumulation inside)."""
+        return torch.mm(dx, self.weight) if self.fp32_out else (dx.float() @ self.weight32).to(self.dtype)
+
+    def grad_weight(self, dx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """dx.T @ h, ``[V, D]`` float32."""
+        if self.fp32_out:
+            return torch.mm(dx.t(), h, out_dtype=torch.float32)
+        return dx.t().float() @ h.float()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """x = h @ W.T (+ b), ``[rows, V]`` float32."""
+        x = torch.mm(h, self.weight.t(), out_dtype=torch.float32) if self.fp32_out else h.float() @ self.weight32.t()
+        return x if self.bias is None else x.add_(self.bias)
+
+    def addmm32_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc += a @ b`` for a float32 ``acc``, the product never rounded to the matmul dtype."""
+        if self.fp32_out:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            acc.addmm_(a.float(), b.float())
+
+
+def gathered_lm_head(*params: torch.Tensor | None):
+    """Context in which ZeRO-3 partitioned parameters hold their full data (DeepSpeed), else a null context."""
+    partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")}
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # only reachable when DeepSpeed created the parameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    to_gather = [p for p in partitioned.values() if p.ds_status != ZeroParamStatus.AVAILABLE]
+    return deepspeed.zero.GatheredParameters(to_gather) if to_gather else contextlib.nullcontext()
+
+
+def _scored_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Indices of the rows to project (one host sync: the count of scored rows sizes the tiles)."""
+    return (targets != ignore_index).nonzero().squeeze(1)
+
+
+def _tiles(M: int, rows_per_tile: int):
+    for start in range(0, M, rows_per_tile):
+        yield slice(start, min(start + rows_per_tile, M))
+
+
+def _kernel_kw(o: FusedLinearOptions) -> dict:
+    return dict(
+        shift=False, ignore_index=o.ignore_index, temperature=o.temperature, logit_scale=o.logit_scale,
+        softcap=o.softcap,
+    )  # fmt: skip
+
+
+class FusedLinearLogpsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options: FusedLinearOptions):
+        R, V = hidden.shape[0], weight.shape[0]
+        rows = dict(dtype=torch.float32, device=hidden.device)
+        logp = torch.zeros(R, **rows)
+        lse = torch.zeros(2, R, **rows)
+        stats = torch.zeros(len(STATS), R, **rows) if options.stats else None
+        scored = _scored_rows(targets, options.ignore_index)
+        per_tile = tile_rows(V, hidden.device, options.tile_elements)
+        with gathered_lm_head(weight, bias):
+            proj = _Projection(weight, bias, compute_dtype(hidden, weight))
+            for tile in _tiles(scored.numel(), per_tile):
+                idx = scored[tile]
+                x = proj.logits(hidden.index_select(0, idx).to(proj.dtype))
+                out: LogpsForward = impl_for(x).logps_fwd(
+                    x.unsqueeze(1), targets.index_select(0, idx).unsqueeze(1), stats=options.stats,
+                    **_kernel_kw(options),
+                )  # fmt: skip
+                logp.index_copy_(0, idx, out.logp.squeeze(1))
+                lse.index_copy_(1, idx, out.lse.squeeze(2))
+                if stats is not None:
+                    stats.index_copy_(1, idx, out.stats.squeeze(2))
+        entropy = stats[STATS.index("entropy")].clone() if "entropy" in options.stats else None
+        ctx.save_for_backward(hidden, weight, bias, targets, scored, lse, entropy)
+        ctx.options = options
+        ctx.set_materialize_grads(False)
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        return logp, entropy, stats
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
+        hidden, weight, bias, targets, scored, lse, entropy = ctx.saved_tensors
+        o = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None
+        V = weight.shape[0]
+        per_tile = tile_rows(V, hidden.device, o.tile_elements)
+        n_tiles = -(-scored.numel() // per_tile)
+        with gathered_lm_head(weight, bias):
+            proj = _Projection(weight, bias, compute_dtype(hidden, weight))
+            grad_h = torch.zeros_like(hidden) if need_h else None
+            # One tile: dW is a single GEMM (float32 accumulation inside it). Several: sum them in float32.
+            grad_w32 = None
+            if need_w and n_tiles > 1:
+                grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+            for tile in _tiles(scored.numel(), per_tile):
+                idx = scored[tile]
+                h = hidden.index_select(0, idx).to(proj.dtype)
+                x = proj.logits(h)
+                dx = torch.empty(x.shape, dtype=proj.dtype, device=x.device)
+                impl_for(x).logps_bwd(
+                    x.unsqueeze(1),
+                    targets.index_select(0, idx).unsqueeze(1),
+                    lse.index_select(1, idx).unsqueeze(2),
+                    None if grad_logp is None else grad_logp.index_select(0, idx).float().unsqueeze(1),
+                    entropy=None if grad_entropy is None else entropy.index_select(0, idx).unsqueeze(1),
+                    grad_entropy=None if grad_entropy is None else grad_entropy.index_select(0, idx).float().unsqueeze(1),
+                    out=dx.unsqueeze(1),
+                    **_kernel_kw(o),
+                )  # fmt: skip
+                del x
+                if need_h:
+                    grad_h.index_copy_(0, idx, proj.grad_hidden(dx).to(hidden.dtype))
+                if need_w:
+                    if grad_w32 is None:
+                        grad_w32 = proj.grad_weight(dx, h)
+                    else:
+                        proj.addmm32_(grad_w32, dx.t(), h)
+                if need_b:
+                    grad_b32 += dx.sum(0, dtype=torch.float32)
+        if need_w and grad_w32 is None:  # no scored row
+            grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
+        grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None
