@@ -85,7 +85,7 @@ def check_reference_logps(name: str, value: torch.Tensor | None, B: int, device:
 
 
 def check_packing(
-    logits: torch.Tensor, cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None
+    logits: torch.Tensor, cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None, name: str = "logits"
 ) -> torch.Tensor | None:
     """``cu_seq_lens`` ``[S + 1]`` of a packed batch (derived from ``position_ids`` if given), or None if padded.
 
@@ -97,19 +97,20 @@ def check_packing(
     if cu_seq_lens is not None and position_ids is not None:
         raise ValueError("pass either cu_seq_lens or position_ids for a packed batch, not both")
     if N != 1:
-        raise ValueError(f"a packed batch has logits of shape (1, total_T, V), got {tuple(logits.shape)}")
+        last = "D" if name == "hidden" else "V"
+        raise ValueError(f"a packed batch has {name} of shape (1, total_T, {last}), got {tuple(logits.shape)}")
     if position_ids is not None:
         if tuple(position_ids.shape) != (1, T) or position_ids.dtype.is_floating_point:
             raise ValueError(f"position_ids must be an integer tensor of shape (1, {T}), got "
                              f"{tuple(position_ids.shape)} {position_ids.dtype}")  # fmt: skip
         if position_ids.device != logits.device:
-            raise ValueError(f"position_ids must be on the logits' device {logits.device}, got {position_ids.device}")
+            raise ValueError(f"position_ids must be on the {name}' device {logits.device}, got {position_ids.device}")
         cu_seq_lens = cu_seq_lens_from_position_ids(position_ids)
     if cu_seq_lens.ndim != 1 or cu_seq_lens.numel() < 2 or cu_seq_lens.dtype.is_floating_point:
         raise ValueError(f"cu_seq_lens must be a 1-D integer tensor [0, end_0, ..., {T}], got shape "
                          f"{tuple(cu_seq_lens.shape)} {cu_seq_lens.dtype}")  # fmt: skip
     if cu_seq_lens.device != logits.device:
-        raise ValueError(f"cu_seq_lens must be on the logits' device {logits.device}, got {cu_seq_lens.device}")
+        raise ValueError(f"cu_seq_lens must be on the {name}' device {logits.device}, got {cu_seq_lens.device}")
     if bool((cu_seq_lens[0] != 0) | (cu_seq_lens[-1] != T) | (cu_seq_lens.diff() <= 0).any()):
         raise ValueError(f"cu_seq_lens must start at 0, end at total_T = {T} and increase strictly, got "
                          f"{cu_seq_lens.tolist()}")  # fmt: skip

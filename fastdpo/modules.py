@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from fastdpo import functional
+from fastdpo import functional, fused_linear
 from fastdpo.losses import DPOOutput, LossConfig
 
 
@@ -60,3 +60,53 @@ class DPOLoss(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"beta={c.beta}, loss_type={c.loss_type!r}, label_smoothing={c.label_smoothing}"
+
+
+class FusedLinearDPOLoss(nn.Module):
+    """``FusedLinearDPOLoss(beta=0.1, ...)(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, **batch)``.
+
+    ``fastdpo.fused_linear_dpo_loss`` with its keyword configuration held: the loss options, and the LM head's
+    logit transform (``temperature``, ``logit_scale``, ``final_logit_softcapping``) and tile budget. Per-batch
+    tensors (``bias``, ``ref_hidden``, ``ref_weight``, ``ref_bias``, ``cu_seq_lens``, ``position_ids``,
+    ``pairs``) go to ``forward``. ``weight`` is passed per call (e.g. ``model.lm_head.weight``), so the module
+    holds no parameter and ties to nothing.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str | list[str] = "sigmoid",
+        *,
+        ignore_index: int = -100,
+        shift: bool = True,
+        return_metrics: bool = False,
+        temperature: float = 1.0,
+        logit_scale: float = 1.0,
+        final_logit_softcapping: float | None = None,
+        tile_elements: int | None = None,
+        **loss_options,
+    ):
+        super().__init__()
+        self.config = LossConfig(beta=beta, loss_type=loss_type, **loss_options)
+        self.call_options = dict(
+            ignore_index=ignore_index, shift=shift, return_metrics=return_metrics, temperature=temperature,
+            logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping, tile_elements=tile_elements,
+        )  # fmt: skip
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        **batch: torch.Tensor | None,
+    ) -> DPOOutput:
+        return fused_linear.fused_linear_dpo_loss(
+            hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, **dataclasses.asdict(self.config),
+            **self.call_options, **batch,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"beta={c.beta}, loss_type={c.loss_type!r}, softcap={self.call_options['final_logit_softcapping']}"

@@ -297,3 +297,58 @@ def dpo_loss(
         ref_logits = None if ref_logits is None else ref_logits[rows]
     return _dpo_padded(logits, labels, ref_chosen_logps, ref_rejected_logps, ref_logits, cfg, ignore_index, shift,
                        return_metrics)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- fused linear
+
+
+def projected_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, temperature: float = 1.0,
+    logit_scale: float = 1.0, final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """The logits the fused-linear path scores, materialised: f(hidden @ weight.T + bias) in hidden's dtype,
+    f(x) = c tanh(a x / c) / temperature (a x / temperature without softcapping)."""
+    x = F.linear(hidden, weight, bias) * logit_scale
+    if final_logit_softcapping is not None:
+        x = final_logit_softcapping * torch.tanh(x / final_logit_softcapping)
+    return x / temperature
+
+
+def _head_kw(kw: dict) -> dict:
+    return {name: kw.pop(name) for name in ("temperature", "logit_scale", "final_logit_softcapping") if name in kw}
+
+
+def fused_linear_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, outputs: tuple[str, ...] = ("log_probs",), tile_elements: int | None = None, **head,
+) -> TokenLogps:
+    """Same contract as ``fastdpo.fused_linear_token_logps`` (hidden ``[N, D]``, targets ``[N]``), through
+    materialised logits; ``tile_elements`` is accepted and ignored."""
+    logits = projected_logits(hidden, weight, bias, **head).unsqueeze(0)
+    out = token_logps(logits, targets.unsqueeze(0), ignore_index=ignore_index, shift=False, outputs=outputs)
+    return TokenLogps(*(None if x is None else x.squeeze(0) for x in out))
+
+
+def fused_linear_sequence_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    tile_elements: int | None = None, **kw,
+) -> torch.Tensor:
+    """``sequence_logps`` of ``projected_logits(hidden, weight, bias, ...)`` (hidden ``[N, T, D]``)."""
+    return sequence_logps(projected_logits(hidden, weight, bias, **_head_kw(kw)), labels, **kw)
+
+
+def fused_linear_dpo_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None, tile_elements: int | None = None, **kw,
+) -> DPOOutput:
+    """``dpo_loss`` of ``projected_logits(hidden, ...)``; ``ref_hidden`` through ``ref_weight``/``ref_bias``
+    (default: the policy's head) becomes ``ref_logits``."""
+    head = _head_kw(kw)
+    ref_logits = None
+    if ref_hidden is not None:
+        ref_logits = projected_logits(ref_hidden, weight if ref_weight is None else ref_weight,
+                                      bias if ref_weight is None and ref_bias is None else ref_bias, **head).detach()
+    logits = projected_logits(hidden, weight, bias, **head)
+    return dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, ref_logits=ref_logits, **kw)
