@@ -34,22 +34,27 @@ from fastdpo.kernels.heuristics import logps_config  # noqa: E402
 
 CAPABILITIES = (80, 90)  # A100, H100 (Triton emits sm_90a for 90)
 VOCABS = (1000, 32000, 128256, 256000)
-DTYPES = ("bf16", "fp16", "fp32")  # of logits and grad_logits; labels are int64, logp/lse/grad_logp fp32
+DTYPES = ("bf16", "fp16", "fp32", "fp32>bf16")  # logits (> grad_logits if other); labels int64, logp/lse fp32
 # Argument conventions: the one place kernel arguments get types. An argument that matches none raises, so a new one
 # is added here knowingly instead of being compiled with a wrong type. The JIT types a Python int by value (i32 if it
 # fits, else i64); strides are checked as i64, the specialisation large tensors get (N * T * V passes 2^31).
-FLOAT_ARGS = {"inv_temperature"}
+FLOAT_ARGS = {"logit_scale", "softcap", "inv_temperature"}
 INT_ARGS = {"T", "T_rows", "n_rows", "V", "ignore_index"}
 CONSTEXPRS = {"SHIFT": lambda cfg, flags: 1, "BLOCK_V": lambda cfg, flags: cfg.block_v}
 # Optional-feature flags (COMPUTE_<stat>, HAS_<grad>): each kernel is checked with the plain launch (only
 # HAS_LOGP_GRAD on) and with every flag on, the variant with the most live registers.
-FLAG_PREFIXES = ("COMPUTE_", "HAS_")
+FLAG_PREFIXES = ("COMPUTE_", "HAS_", "SOFTCAP")
 VARIANTS = {"plain": lambda name: name == "HAS_LOGP_GRAD", "all": lambda name: True}
 
 
 def arg_type(name: str, dtype: str) -> str:
+    """Triton type of a kernel argument; ``dtype`` "fp32>bf16" reads float32 logits and writes a bf16 gradient
+    (the fused-linear path's tiles)."""
+    read, _, written = dtype.partition(">")
+    if name == "grad_logits_ptr":
+        return "*" + (written or read)
     if name.endswith("_ptr"):
-        return "*" + (dtype if "logits" in name else "i64" if "label" in name else "fp32")
+        return "*" + (read if "logits" in name else "i64" if "label" in name else "fp32")
     if name.startswith("stride_"):
         return "i64"
     if name in FLOAT_ARGS or name in INT_ARGS:
@@ -103,6 +108,8 @@ def check(kernels) -> list[dict]:
             cfg = logps_config(V, with_stats=variant == "all" and "fwd" in kernel.__name__)
             configs.setdefault((cfg, V % 16 == 0), []).append(V)
         for dtype in DTYPES:
+            if ">" in dtype and "grad_logits_ptr" not in kernel.arg_names:
+                continue
             for cc in CAPABILITIES:
                 for (cfg, aligned), vocabs in configs.items():
                     row = {"kernel": kernel.__name__, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",

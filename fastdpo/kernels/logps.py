@@ -57,13 +57,15 @@ def _label_of_row(labels_ptr, n, t_label, stride_labels_n, stride_labels_t, T, V
 
 @triton.jit
 def _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP: tl.constexpr):
-    """z = f(x) and t = tanh(a x / c) (the softcap's derivative is 1 - t^2; t = 0 without softcapping)."""
+    """z = f(x), and t = tanh(a x / c) with softcapping (f'(x) carries 1 - t^2; t is unused without it)."""
+    y = x * logit_scale
+    t = y
     if SOFTCAP:
         # tanh(u) = 1 - 2 / (e^(2u) + 1): exact limits +-1 when e^(2u) overflows or vanishes; absolute error
         # ~1 ulp of 1, i.e. c * 6e-8 in z, below float32 resolution of z itself once |z| > 1.
-        t = 1.0 - 2.0 / (tl.exp(2.0 * (x * logit_scale / softcap)) + 1.0)
-        return softcap * t * inv_temperature, t
-    return x * (logit_scale * inv_temperature), 0.0
+        t = 1.0 - 2.0 / (tl.exp(2.0 * (y / softcap)) + 1.0)
+        y = softcap * t
+    return y * inv_temperature, t
 
 
 @triton.jit
