@@ -136,14 +136,17 @@ def guarded_case(*args) -> dict:
     return {"impl": provider.name, "mode": mode, "N": size.N, "V": size.V, "dtype": size.dtype} | row
 
 
-def write_results(rows: list[dict], unavailable: dict, out: Path, slug: str, fresh: bool) -> list[dict]:
-    """Merge ``rows`` into ``<out>/<slug>.json`` (unless ``fresh``), write it and the CSV; return all rows."""
+def write_results(
+    rows: list[dict], unavailable: dict, out: Path, slug: str, fresh: bool, key: tuple[str, ...] = ROW_KEY
+) -> list[dict]:
+    """Merge ``rows`` into ``<out>/<slug>.json`` (unless ``fresh``; a row replaces the one with the same ``key``
+    values), write it and the CSV; return all rows."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{slug}.json"
     merged = {}
     if path.exists() and not fresh:
-        merged = {tuple(r[k] for k in ROW_KEY): r for r in json.loads(path.read_text())["rows"]}
-    merged |= {tuple(r[k] for k in ROW_KEY): r for r in rows}
+        merged = {tuple(r[k] for k in key): r for r in json.loads(path.read_text())["rows"]}
+    merged |= {tuple(r[k] for k in key): r for r in rows}
     all_rows = list(merged.values())
     path.write_text(json.dumps({"rows": all_rows, "unavailable": unavailable}, indent=1) + "\n")
     fields = list(dict.fromkeys(k for r in all_rows for k in r))
@@ -154,14 +157,14 @@ def write_results(rows: list[dict], unavailable: dict, out: Path, slug: str, fre
     return all_rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
     def cell(value):
         if value is None:
             return "-"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    cells = [TABLE_COLUMNS] + [tuple(cell(r.get(c)) for c in TABLE_COLUMNS) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    cells = [columns] + [tuple(cell(r.get(c)) for c in columns) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 

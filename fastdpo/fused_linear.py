@@ -28,12 +28,17 @@ from fastdpo.ops.fused_linear import FusedLinearLogpsFunction, FusedLinearOption
 from fastdpo.ops.logps import TokenOutputs
 from fastdpo.sequences import SequenceLayout
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
 HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _full(param: torch.Tensor | None) -> torch.Tensor | None:
     """A DTensor (FSDP2, tensor parallel) gathered into a plain tensor, differentiably; anything else as is."""
-    if param is not None and type(param).__name__ == "DTensor" and hasattr(param, "full_tensor"):
+    if DTensor is not None and isinstance(param, DTensor):
         return param.full_tensor()
     return param
 

@@ -240,3 +240,26 @@ def test_bad_arguments_raise(change, match):
     kw.update(change)
     with pytest.raises((ValueError, TypeError), match=match):
         fastdpo.fused_linear_dpo_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"), **kw)
+
+
+def test_dtensor_weight_is_gathered(tmp_path):
+    """An FSDP2-style DTensor head (Shard(0)) is gathered for the call; its gradient comes back as a DTensor with
+    the plain head's values (one gloo rank: the code path, not the communication)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        B, T, D, V = 2, 6, 16, 96
+        hidden, weight, _ = _inputs(2 * B, T, D, V, torch.float32, "cpu", bias=False)
+        labels = make_labels(2 * B, T, V, "cpu")
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
+        plain = weight.clone().requires_grad_()
+        for w in (sharded, plain):
+            fastdpo.fused_linear_dpo_loss(hidden, w, labels, reference_free=True).loss.backward()
+        assert isinstance(sharded.grad, DTensor)
+        torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad)
+    finally:
+        dist.destroy_process_group()
