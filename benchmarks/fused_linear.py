@@ -143,6 +143,7 @@ def check(fn, mode: str, inputs) -> tuple[float, float | None]:
     loss, grads = call(fn, mode, *small)
     loss = loss.detach()
     truth, truth_grads = call(naive, mode, small[0].double(), small[1].double(), *small[2:])
+    truth = truth.detach()
     # the loss is -log sigmoid(beta * margin): compare margins, which carry the log-prob error undamped
     margin, true_margin = torch.special.logit(torch.exp(-loss.double())), torch.special.logit(torch.exp(-truth))
     err = float((margin - true_margin).abs() / BETA / max(1.0, float(true_margin.abs() / BETA)))
