@@ -39,7 +39,7 @@ DIMS, VOCABS, TOKENS = (2048, 4096), (128256, 151936), (4096, 8192, 32768)
 QUICK_DIMS, QUICK_VOCABS, QUICK_TOKENS = (256,), (8000,), (512, 1024)
 SEQ_LEN = 1024  # tokens per sequence: N tokens are N / SEQ_LEN sequences (pairs of them)
 CHECK_T = 64  # tokens per sequence of the float64 accuracy check
-GROSS_ERROR = 1e-2  # relative error of the loss's log-probs that means a broken implementation, not rounding
+GROSS_ERROR = 0.05  # relative error of the loss's log-probs that means a broken implementation, not rounding
 NAMES = ("naive", "trl-fused", "liger-fused", "cce", "fastdpo-logits", "fastdpo-fused")
 ROW_KEY = ("impl", "mode", "N", "V", "D", "dtype")
 TABLE = ("impl", "mode", "N", "D", "V", "ms_p50", "tflops", "floor_fraction", "peak_extra_mb", "err_logps", "status")
@@ -84,12 +84,15 @@ def _trl_fused():
 
 
 def _liger_fused():
+    """Liger-Kernel's ``LigerFusedLinearDPOLoss`` (0.8.5): it takes a reference model's inputs, not precomputed
+    sums, so it runs reference-free here: the same policy work, and equal to the others' loss at the accuracy
+    check, whose reference sums are 0."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    loss = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True)
+    loss = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False)
 
     def fn(hidden, weight, labels, ref_c, ref_r):
-        out = loss(weight, hidden[:, :-1], labels[:, 1:], ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+        out = loss(weight, hidden[:, :-1], labels[:, 1:])
         return out[0] if isinstance(out, tuple) else out
 
     return fn
@@ -109,7 +112,7 @@ def get_providers(device: torch.device) -> dict[str, tuple[Callable | None, str 
     """name -> (fn, why it cannot run here or None)."""
     out = {"naive": (naive, None)}
     out["trl-fused"] = _needs("trl", device, False, _trl_fused)
-    out["liger-fused"] = _needs("liger_kernel", device, True, _liger_fused)
+    out["liger-fused"] = _needs("liger_kernel", device, False, _liger_fused)  # torch (+ torch.compile) only
     out["cce"] = _needs("cut_cross_entropy", device, True, _cce)
     out["fastdpo-logits"] = (fastdpo_logits, None)
     out["fastdpo-fused"] = (fastdpo_fused, None)
