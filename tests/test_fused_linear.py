@@ -263,3 +263,19 @@ def test_dtensor_weight_is_gathered(tmp_path):
         torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad)
     finally:
         dist.destroy_process_group()
+
+
+def test_autocast_and_strided_hidden(backend):
+    """Under autocast the GEMMs run in the autocast dtype (as ``nn.Linear`` would); a strided hidden view is read
+    without the caller copying it. Gradients come back in the inputs' float32."""
+    B, T, D, V = 2, 7, 16, 150
+    big = torch.randn(2 * B, T, 2 * D)
+    hidden = big[:, :, ::2]  # non-contiguous
+    weight = torch.randn(V, D) * 0.5
+    labels = make_labels(2 * B, T, V, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run(fastdpo.fused_linear_sequence_logps, (hidden, weight, None), labels)
+    rounded = [hidden.bfloat16().double(), weight.bfloat16().double(), None]
+    truth, _ = _run(reference.fused_linear_sequence_logps, rounded, labels)
+    assert torch.allclose(out.double(), truth, rtol=1e-5, atol=1e-3)
+    assert all(g.dtype == torch.float32 for g in grads) and grads[0].shape == hidden.shape

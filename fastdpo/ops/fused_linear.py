@@ -144,8 +144,10 @@ class FusedLinearLogpsFunction(torch.autograd.Function):
         stats = torch.zeros(len(STATS), R, **rows) if options.stats else None
         scored = _scored_rows(targets, options.ignore_index)
         per_tile = tile_rows(V, hidden.device, options.tile_elements)
-        with gathered_lm_head(weight, bias):
-            proj = _Projection(weight, bias, compute_dtype(hidden, weight))
+        ctx.compute_dtype = compute_dtype(hidden, weight)  # backward runs outside the caller's autocast region
+        # Autocast off inside: it would recast the float32-output GEMMs and round the tiles to bf16.
+        with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            proj = _Projection(weight, bias, ctx.compute_dtype)
             for tile in _tiles(scored.numel(), per_tile):
                 idx = scored[tile]
                 x = proj.logits(hidden.index_select(0, idx).to(proj.dtype))
@@ -175,8 +177,8 @@ class FusedLinearLogpsFunction(torch.autograd.Function):
         V = weight.shape[0]
         per_tile = tile_rows(V, hidden.device, o.tile_elements)
         n_tiles = -(-scored.numel() // per_tile)
-        with gathered_lm_head(weight, bias):
-            proj = _Projection(weight, bias, compute_dtype(hidden, weight))
+        with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            proj = _Projection(weight, bias, ctx.compute_dtype)
             grad_h = torch.zeros_like(hidden) if need_h else None
             # One tile: dW is a single GEMM (float32 accumulation inside it). Several: sum them in float32.
             grad_w32 = None
