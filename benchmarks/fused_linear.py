@@ -217,8 +217,9 @@ def main(argv=None) -> int:
     name = timing.device_name(device)
     slug = "fused-linear-" + device_slug(name, device)
     commit, dirty = git_commit()
+    command = shlex.join(["python", "-m", "benchmarks.fused_linear", *argv])
     common = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
-              "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.fused_linear", *argv])}  # fmt: skip
+              "git_dirty": dirty, "command": command}  # fmt: skip
     runnable = {n: fn for n, (fn, why) in chosen.items() if not why}
     rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
     for D, V, N in sizes:

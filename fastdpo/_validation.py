@@ -4,6 +4,9 @@ with the same message: each error names the argument, what was expected and what
 Label values are checked against ``[0, V)`` where that costs no host sync: always for CPU tensors, and for
 CUDA tensors only with ``FASTDPO_CHECK_LABELS=1`` (a debugging switch; it synchronises). Unchecked, an
 out-of-range label is never dereferenced: its token's log-prob is NaN, so the loss is NaN, not silently wrong.
+
+Under ``torch.compile`` the checks of tensor *values* (labels, ``cu_seq_lens``, ``pairs``) are skipped: they
+branch on data, which a compiled graph cannot. Shapes, dtypes and devices are still checked at trace time.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def check_logits_labels(
 def check_label_values(labels: torch.Tensor, V: int, ignore_index: int, first_scored: int) -> None:
     """Raise if a scored label (``labels[:, first_scored:]``) is neither ``ignore_index`` nor a vocab id, where
     that needs no host sync (see above)."""
-    if labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS") != "1":
+    on_request = labels.device.type != "cpu" and os.environ.get("FASTDPO_CHECK_LABELS") != "1"
+    if torch.compiler.is_compiling() or on_request:
         return
     scored = labels[:, first_scored:]
     bad = (scored != ignore_index) & ((scored < 0) | (scored >= V))
@@ -111,7 +115,9 @@ def check_packing(
                          f"{tuple(cu_seq_lens.shape)} {cu_seq_lens.dtype}")  # fmt: skip
     if cu_seq_lens.device != logits.device:
         raise ValueError(f"cu_seq_lens must be on the {name}' device {logits.device}, got {cu_seq_lens.device}")
-    if bool((cu_seq_lens[0] != 0) | (cu_seq_lens[-1] != T) | (cu_seq_lens.diff() <= 0).any()):
+    if not torch.compiler.is_compiling() and bool(
+        (cu_seq_lens[0] != 0) | (cu_seq_lens[-1] != T) | (cu_seq_lens.diff() <= 0).any()
+    ):
         raise ValueError(f"cu_seq_lens must start at 0, end at total_T = {T} and increase strictly, got "
                          f"{cu_seq_lens.tolist()}")  # fmt: skip
     return cu_seq_lens
@@ -129,6 +135,8 @@ def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device, *, d
                          f"indices, got {tuple(pairs.shape)} {pairs.dtype}")  # fmt: skip
     if pairs.device != device:
         raise ValueError(f"pairs must be on the logits' device {device}, got {pairs.device}")
+    if torch.compiler.is_compiling():
+        return pairs.long()
     if bool(((pairs < 0) | (pairs >= S)).any()):
         raise ValueError(f"pairs must index the {S} sequences of the batch, got values outside [0, {S})")
     if distinct and pairs.unique().numel() != pairs.numel():

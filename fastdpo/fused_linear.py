@@ -24,7 +24,7 @@ from fastdpo import _pipeline, _validation
 from fastdpo._logps_outputs import TokenLogps, check_outputs
 from fastdpo.functional import token_outputs
 from fastdpo.losses import DPOOutput, LossConfig
-from fastdpo.ops.fused_linear import FusedLinearLogpsFunction, FusedLinearOptions
+from fastdpo.ops.fused_linear import FusedLinearOptions, fused_linear_logps
 from fastdpo.ops.logps import TokenOutputs
 from fastdpo.sequences import SequenceLayout
 
@@ -101,7 +101,7 @@ def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: b
 
     def per_token(h, w, b, targets, stats):
         call_options = dataclasses.replace(options, stats=stats)
-        logp, entropy, stat = FusedLinearLogpsFunction.apply(h.reshape(N * T, D), w, b, targets, call_options)
+        logp, entropy, stat = fused_linear_logps(h.reshape(N * T, D), w, b, targets, call_options)
         rows = slice(0, T - int(shift))
         return (logp.view(N, T)[:, rows], None if entropy is None else entropy.view(N, T)[:, rows],
                 None if stat is None else stat.view(-1, N, T)[:, :, rows])  # fmt: skip
@@ -126,7 +126,8 @@ def _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias):
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight/ref_bias need ref_hidden (the reference model's last hidden states)")
         return None
-    if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.shape != hidden.shape or ref_hidden.device != hidden.device:
+    if (not isinstance(ref_hidden, torch.Tensor) or ref_hidden.shape != hidden.shape
+            or ref_hidden.device != hidden.device):  # fmt: skip
         raise ValueError(f"ref_hidden must be a tensor of hidden's shape {tuple(hidden.shape)} on {hidden.device}, got "
                          f"{getattr(ref_hidden, 'shape', type(ref_hidden).__name__)}")  # fmt: skip
     if ref_hidden.dtype not in HIDDEN_DTYPES:
@@ -137,7 +138,8 @@ def _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias):
     ref_weight, ref_bias = _full(ref_weight), _full(ref_bias)
     _check_head("ref_hidden", ref_hidden, ref_weight, ref_bias)
     if ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"ref_weight must have the policy head's vocab size {weight.shape[0]}, got {ref_weight.shape[0]}")
+        raise ValueError(f"ref_weight must have the policy head's vocab size {weight.shape[0]}, "
+                         f"got {ref_weight.shape[0]}")  # fmt: skip
     return ref_hidden.detach(), ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
 
 
@@ -166,7 +168,7 @@ def fused_linear_token_logps(
     check_outputs(outputs)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements,
                        _pipeline.ordered_stats(outputs))  # fmt: skip
-    logp, entropy, stats = FusedLinearLogpsFunction.apply(hidden, weight, bias, targets, options)
+    logp, entropy, stats = fused_linear_logps(hidden, weight, bias, targets, options)
     return token_outputs(TokenOutputs(logp, entropy, stats, None, None), outputs)
 
 

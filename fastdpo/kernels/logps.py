@@ -315,7 +315,8 @@ def logps_fwd(
             stats_buf, out.ref_stats if stats and has_ref else stats_buf,
             logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), labels.stride(0), labels.stride(1),
             T, T_rows, N * T_rows, V, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
-            SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats, COMPUTE_SUM_SQ="log_sum_sq_probs" in stats,
+            SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats,
+            COMPUTE_SUM_SQ="log_sum_sq_probs" in stats,
             COMPUTE_MEAN="mean_logits" in stats, COMPUTE_TOP1="is_top1" in stats,
             BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
@@ -360,8 +361,10 @@ def logps_bwd(
         return grad
     cfg = logps_config(V, block_v)
     has_logp_grad, has_entropy_grad = grad_logp is not None, grad_entropy is not None
-    if has_entropy_grad and (entropy is None or not entropy.is_contiguous()):
-        raise ValueError("grad_entropy needs the forward's contiguous [N, T - shift] entropy")
+    if has_entropy_grad and entropy is None:
+        raise ValueError("grad_entropy needs the forward's [N, T - shift] entropy")
+    lse = lse.contiguous()  # both are indexed as contiguous rows; no copy unless a caller made a view
+    entropy = None if entropy is None else entropy.contiguous()
     g_logp = grad_logp if has_logp_grad else lse[0]  # unused pointers get a valid float32 tensor
     g_ent = grad_entropy if has_entropy_grad else lse[0]
     with _device_guard(logits):
@@ -370,7 +373,8 @@ def logps_bwd(
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
             g_logp.stride(0), g_logp.stride(1), g_ent.stride(0), g_ent.stride(1), grad.stride(0), grad.stride(1),
             T, T - int(shift), N * (T - int(shift)), V, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
-            SHIFT=int(shift), SOFTCAP=softcap is not None, HAS_LOGP_GRAD=has_logp_grad, HAS_ENTROPY_GRAD=has_entropy_grad,
+            SHIFT=int(shift), SOFTCAP=softcap is not None, HAS_LOGP_GRAD=has_logp_grad,
+            HAS_ENTROPY_GRAD=has_entropy_grad,
             BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )  # fmt: skip
     return grad

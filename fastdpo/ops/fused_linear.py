@@ -1,10 +1,14 @@
 """Autograd op: per-token label log-probs of ``hidden @ weight.T (+ bias)``, tile by tile; the ``[R, V]``
 logits are never materialised.
 
-``FusedLinearLogpsFunction.apply(hidden [R, D], weight [V, D], bias [V] or None, targets [R], options)`` returns
+``fused_linear_logps(hidden [R, D], weight [V, D], bias [V] or None, targets [R], options)`` returns
 ``(logp [R], entropy [R] or None, stats [len(STATS), R] or None)``, float32, 0 on rows whose target is
-``ignore_index``. Those rows are neither projected nor read: the M scored rows are gathered ``tile_rows`` at a
-time (``tile_rows = tile_elements // V``, a multiple of 16), and each tile goes through the logits kernels of
+``ignore_index``; gradients flow to hidden, weight and bias. Like the logits op it is a pair of
+``torch.library`` custom ops (``fastdpo::fused_linear_logps`` and its ``_backward``) with fake implementations
+and a registered autograd formula: one opaque node under ``torch.compile(fullgraph=True)``.
+
+Rows whose target is ``ignore_index`` are neither projected nor read: the M scored rows are gathered
+``tile_rows`` at a time (``tile_rows = tile_elements // V``, a multiple of 16), and each tile goes through the logits kernels of
 ``fastdpo.kernels.logps`` (or the chunked PyTorch path), which apply the logit transform f (logit scale,
 softcapping, temperature) on the fly:
 
@@ -22,15 +26,15 @@ number of sequences and of their length.
 A ZeRO-3 partitioned weight (DeepSpeed) is gathered for the forward and again for the backward, as TRL does.
 """
 
-from __future__ import annotations
-
 import contextlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from fastdpo._logps_outputs import STATS, LogpsForward
-from fastdpo.ops.logps import impl_for
+from fastdpo.ops.logps import impl_for, stats_mask, stats_of
 
 TILE_ROW_MULTIPLE = 16  # tensor-core friendly GEMM heights
 # Logits per tile. CUDA: 2^26 (256 MB float32 + 128 MB bf16 gradient tile): at V = 128256 that is 512 rows, a
@@ -45,12 +49,12 @@ class FusedLinearOptions:
     ignore_index: int = -100
     temperature: float = 1.0
     logit_scale: float = 1.0
-    softcap: float | None = None
-    stats: tuple[str, ...] = ()  # names from fastdpo._logps_outputs.STATS
-    tile_elements: int | None = None  # None: CUDA_TILE_ELEMENTS on CUDA, CPU_TILE_ELEMENTS elsewhere
+    softcap: Optional[float] = None
+    stats: tuple = ()  # names from fastdpo._logps_outputs.STATS
+    tile_elements: Optional[int] = None  # None: CUDA_TILE_ELEMENTS on CUDA, CPU_TILE_ELEMENTS elsewhere
 
 
-def tile_rows(V: int, device: torch.device, tile_elements: int | None) -> int:
+def tile_rows(V: int, device: torch.device, tile_elements: Optional[int]) -> int:
     """Scored rows per tile: ``tile_elements // V`` rounded down to a multiple of 16, at least 16."""
     if tile_elements is None:
         tile_elements = CUDA_TILE_ELEMENTS if device.type == "cuda" else CPU_TILE_ELEMENTS
@@ -73,7 +77,7 @@ def _has_fp32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
 class _Projection:
     """The LM head in the matmul dtype, and its float32 products without rounding to that dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype):
         self.dtype = dtype
         self.weight = weight.to(dtype)  # no copy unless autocast or mixed dtypes ask for one
         self.bias = None if bias is None else bias.float()
@@ -105,7 +109,7 @@ class _Projection:
             acc.addmm_(a.float(), b.float())
 
 
-def gathered_lm_head(*params: torch.Tensor | None):
+def gathered_lm_head(*params: Optional[Tensor]):
     """Context in which ZeRO-3 partitioned parameters hold their full data (DeepSpeed), else a null context."""
     partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")}
     if not partitioned:
@@ -127,91 +131,167 @@ def _tiles(M: int, rows_per_tile: int):
         yield slice(start, min(start + rows_per_tile, M))
 
 
-def _kernel_kw(o: FusedLinearOptions) -> dict:
-    return dict(
-        shift=False, ignore_index=o.ignore_index, temperature=o.temperature, logit_scale=o.logit_scale,
-        softcap=o.softcap,
-    )  # fmt: skip
+def _kernel_kw(ignore_index, temperature, logit_scale, softcap) -> dict:
+    return dict(shift=False, ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
+                softcap=softcap)  # fmt: skip
 
 
-class FusedLinearLogpsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, options: FusedLinearOptions):
-        R, V = hidden.shape[0], weight.shape[0]
-        rows = dict(dtype=torch.float32, device=hidden.device)
-        logp = torch.zeros(R, **rows)
-        lse = torch.zeros(2, R, **rows)
-        stats = torch.zeros(len(STATS), R, **rows) if options.stats else None
-        scored = _scored_rows(targets, options.ignore_index)
-        per_tile = tile_rows(V, hidden.device, options.tile_elements)
-        ctx.compute_dtype = compute_dtype(hidden, weight)  # backward runs outside the caller's autocast region
-        # Autocast off inside: it would recast the float32-output GEMMs and round the tiles to bf16.
-        with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-            proj = _Projection(weight, bias, ctx.compute_dtype)
-            for tile in _tiles(scored.numel(), per_tile):
-                idx = scored[tile]
-                x = proj.logits(hidden.index_select(0, idx).to(proj.dtype))
-                out: LogpsForward = impl_for(x).logps_fwd(
-                    x.unsqueeze(1), targets.index_select(0, idx).unsqueeze(1), stats=options.stats,
-                    **_kernel_kw(options),
-                )  # fmt: skip
-                logp.index_copy_(0, idx, out.logp.squeeze(1))
-                lse.index_copy_(1, idx, out.lse.squeeze(2))
-                if stats is not None:
-                    stats.index_copy_(1, idx, out.stats.squeeze(2))
-        entropy = stats[STATS.index("entropy")].clone() if "entropy" in options.stats else None
-        ctx.save_for_backward(hidden, weight, bias, targets, scored, lse, entropy)
-        ctx.options = options
-        ctx.set_materialize_grads(False)
-        if stats is not None:
-            ctx.mark_non_differentiable(stats)
-        return logp, entropy, stats
+@torch.library.custom_op("fastdpo::fused_linear_logps", mutates_args=())
+def _fused_linear_logps_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    stats: int,
+    tile_elements: Optional[int],
+    matmul_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logp [R], lse [2, R], entropy [R] or empty, stats [len(STATS), R] or empty), float32."""
+    R, V = hidden.shape[0], weight.shape[0]
+    names = stats_of(stats)
+    rows = dict(dtype=torch.float32, device=hidden.device)
+    logp, lse = torch.zeros(R, **rows), torch.zeros(2, R, **rows)
+    stats_out = torch.zeros(len(STATS), R, **rows) if names else torch.empty(0, **rows)
+    scored = _scored_rows(targets, ignore_index)
+    per_tile = tile_rows(V, hidden.device, tile_elements)
+    # Autocast off inside: it would recast the float32-output GEMMs and round the tiles to bf16.
+    with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        proj = _Projection(weight, bias, matmul_dtype)
+        for tile in _tiles(scored.numel(), per_tile):
+            idx = scored[tile]
+            x = proj.logits(hidden.index_select(0, idx).to(proj.dtype))
+            out: LogpsForward = impl_for(x).logps_fwd(
+                x.unsqueeze(1), targets.index_select(0, idx).unsqueeze(1), stats=names,
+                **_kernel_kw(ignore_index, temperature, logit_scale, softcap),
+            )  # fmt: skip
+            logp.index_copy_(0, idx, out.logp.squeeze(1))
+            lse.index_copy_(1, idx, out.lse.squeeze(2))
+            if names:
+                stats_out.index_copy_(1, idx, out.stats.squeeze(2))
+    entropy = stats_out[STATS.index("entropy")].clone() if "entropy" in names else torch.empty(0, **rows)
+    return logp, lse, entropy, stats_out
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
-        hidden, weight, bias, targets, scored, lse, entropy = ctx.saved_tensors
-        o = ctx.options
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None
-        V = weight.shape[0]
-        per_tile = tile_rows(V, hidden.device, o.tile_elements)
-        n_tiles = -(-scored.numel() // per_tile)
-        with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-            proj = _Projection(weight, bias, ctx.compute_dtype)
-            grad_h = torch.zeros_like(hidden) if need_h else None
-            # One tile: dW is a single GEMM (float32 accumulation inside it). Several: sum them in float32.
-            grad_w32 = None
-            if need_w and n_tiles > 1:
-                grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            grad_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
-            for tile in _tiles(scored.numel(), per_tile):
-                idx = scored[tile]
-                h = hidden.index_select(0, idx).to(proj.dtype)
-                x = proj.logits(h)
-                dx = torch.empty(x.shape, dtype=proj.dtype, device=x.device)
-                impl_for(x).logps_bwd(
-                    x.unsqueeze(1),
-                    targets.index_select(0, idx).unsqueeze(1),
-                    lse.index_select(1, idx).unsqueeze(2),
-                    None if grad_logp is None else grad_logp.index_select(0, idx).float().unsqueeze(1),
-                    entropy=None if grad_entropy is None else entropy.index_select(0, idx).unsqueeze(1),
-                    grad_entropy=None if grad_entropy is None else grad_entropy.index_select(0, idx).float().unsqueeze(1),
-                    out=dx.unsqueeze(1),
-                    **_kernel_kw(o),
-                )  # fmt: skip
-                del x
-                if need_h:
-                    grad_h.index_copy_(0, idx, proj.grad_hidden(dx).to(hidden.dtype))
-                if need_w:
-                    if grad_w32 is None:
-                        grad_w32 = proj.grad_weight(dx, h)
-                    else:
-                        proj.addmm32_(grad_w32, dx.t(), h)
-                if need_b:
-                    grad_b32 += dx.sum(0, dtype=torch.float32)
-        if need_w and grad_w32 is None:  # no scored row
+
+@_fused_linear_logps_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, temperature, logit_scale, softcap, stats, tile_elements,
+      matmul_dtype):  # fmt: skip
+    R = hidden.shape[0]
+    new = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(R), new(2, R), new(R) if stats & 1 else new(0), new(len(STATS), R) if stats else new(0)
+
+
+@torch.library.custom_op("fastdpo::fused_linear_logps_backward", mutates_args=())
+def _fused_linear_logps_backward_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    tile_elements: Optional[int],
+    matmul_dtype: torch.dtype,
+    needs_grad: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dhidden, dweight, dbias) in the inputs' dtypes; an empty tensor for each one not needed."""
+    need_h, need_w, need_b = needs_grad
+    V = weight.shape[0]
+    scored = _scored_rows(targets, ignore_index)
+    per_tile = tile_rows(V, hidden.device, tile_elements)
+    n_tiles = -(-scored.numel() // per_tile)
+    with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        proj = _Projection(weight, bias, matmul_dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        # One tile: dW is a single GEMM (float32 accumulation inside it). Several: sum them in float32.
+        grad_w32 = None
+        if need_w and n_tiles > 1:
             grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
-        grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        grad_b32 = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        for tile in _tiles(scored.numel(), per_tile):
+            idx = scored[tile]
+            h = hidden.index_select(0, idx).to(proj.dtype)
+            x = proj.logits(h)
+            dx = torch.empty(x.shape, dtype=proj.dtype, device=x.device)
+            impl_for(x).logps_bwd(
+                x.unsqueeze(1),
+                targets.index_select(0, idx).unsqueeze(1),
+                lse.index_select(1, idx).unsqueeze(2),
+                None if grad_logp is None else grad_logp.index_select(0, idx).float().unsqueeze(1),
+                entropy=None if grad_entropy is None else entropy.index_select(0, idx).unsqueeze(1),
+                grad_entropy=None if grad_entropy is None else grad_entropy.index_select(0, idx).float().unsqueeze(1),
+                out=dx.unsqueeze(1),
+                **_kernel_kw(ignore_index, temperature, logit_scale, softcap),
+            )  # fmt: skip
+            del x
+            if need_h:
+                grad_h.index_copy_(0, idx, proj.grad_hidden(dx).to(hidden.dtype))
+            if need_w:
+                if grad_w32 is None:
+                    grad_w32 = proj.grad_weight(dx, h)
+                else:
+                    proj.addmm32_(grad_w32, dx.t(), h)
+            if need_b:
+                grad_b32 += dx.sum(0, dtype=torch.float32)
+    if need_w and grad_w32 is None:  # no scored row
+        grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    empty = hidden.new_empty
+    return (grad_h if need_h else empty(0), grad_w32.to(weight.dtype) if need_w else empty(0),
+            grad_b32.to(bias.dtype) if need_b else empty(0))  # fmt: skip
+
+
+@_fused_linear_logps_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, ignore_index, temperature, logit_scale,
+      softcap, tile_elements, matmul_dtype, needs_grad):  # fmt: skip
+    need_h, need_w, need_b = needs_grad
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else hidden.new_empty(0),
+            torch.empty_like(bias) if need_b else hidden.new_empty(0))  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, temperature, logit_scale, softcap, stats, tiles, dtype = inputs
+    _logp, lse, entropy, stats_out = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats & 1 else None)
+    ctx.args = (ignore_index, temperature, logit_scale, softcap, tiles, dtype)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, stats_out)
+
+
+def _backward(ctx, grad_logp, _grad_lse, grad_entropy, _grad_stats):
+    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    if entropy is None:  # the entropy output is an empty placeholder: any gradient for it is meaningless
+        grad_entropy = None
+    needs = list(ctx.needs_input_grad[:3])
+    if (grad_logp is None and grad_entropy is None) or not any(needs):
+        return (None,) * 11
+    needs[2] = needs[2] and bias is not None
+    grad_h, grad_w, grad_b = _fused_linear_logps_backward_op(
+        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, *ctx.args, needs
+    )
+    return (grad_h if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None) + (None,) * 8
+
+
+_fused_linear_logps_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_linear_logps(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, options: FusedLinearOptions
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(logp [R], entropy [R] or None, stats [len(STATS), R] or None); arguments are assumed validated. The
+    matmul dtype is fixed here, where the caller's autocast state is visible (the backward runs outside it)."""
+    o = options
+    mask = stats_mask(o.stats)
+    logp, _lse, entropy, stats = _fused_linear_logps_op(
+        hidden, weight, bias, targets, o.ignore_index, o.temperature, o.logit_scale, o.softcap, mask,
+        o.tile_elements, compute_dtype(hidden, weight),
+    )  # fmt: skip
+    return logp, entropy if mask & 1 else None, stats if mask else None

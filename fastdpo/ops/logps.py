@@ -1,24 +1,29 @@
 """Autograd op: per-token label log-probs from logits, with a backward that never builds a softmax tensor.
 
-``TokenLogpsFunction.apply(logits [N, T, V], labels [N, T], ref_logits or None, options)`` returns
-``(logp, entropy, stats, ref_logp, ref_stats)``: ``logp [N, T - shift]`` (float32, float64 for float64
-logits; 0 on unscored tokens) and ``entropy`` (when requested) carry gradients; ``stats
-[len(STATS), N, T - shift]`` and the reference's outputs (or None) do not. Saved for backward: the logits (a reference, no copy), the labels and the per-token
-log-sum-exp pair ``[2, N, T - shift]``. The backward recomputes each softmax row from the logits and writes
-``dlogits = g / temperature * (onehot(label) - softmax(z))`` in the logits' dtype.
+``token_logps(logits [N, T, V], labels [N, T], options, ref_logits=None)`` returns ``TokenOutputs(logp,
+entropy, stats, ref_logp, ref_stats)``: ``logp [N, T - shift]`` (float32, float64 for float64 logits; 0 on
+unscored tokens) and ``entropy`` (when requested) carry gradients; ``stats [len(STATS), N, T - shift]`` and the
+reference's outputs (or None) do not. Saved for backward: the logits (a reference, no copy), the labels and the
+per-token log-sum-exp pair ``[2, N, T - shift]``. The backward recomputes each softmax row from the logits and
+writes ``dlogits = g / temperature * (onehot(label) - softmax(z))`` in the logits' dtype.
+
+The forward and the backward are ``torch.library`` custom ops (``fastdpo::token_logps`` and
+``fastdpo::token_logps_backward``) with fake implementations and a registered autograd formula, so the op is
+one opaque node under ``torch.compile(fullgraph=True)``: nothing inside it is traced, and its shapes are known
+without running it. Under compile, ``inplace_backward`` is ignored (the backward graph is functional: the
+gradient gets its own buffer); in eager mode it overwrites the logits as documented.
 
 Backend choice, per call: Triton kernels for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``
 (tests); the chunked PyTorch path otherwise, for float64, or when Triton is missing. The environment
 variable ``FASTDPO_BACKEND`` (``auto`` | ``triton`` | ``torch``) overrides the choice.
 """
 
-from __future__ import annotations
-
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 from fastdpo import chunked
 from fastdpo._logps_outputs import STATS, LogpsForward
@@ -33,15 +38,24 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclass(frozen=True)
 class LogpsOptions:
-    """Everything about a call that is not a tensor; frozen so backward returns a single ``None`` for it."""
+    """Everything about a call that is not a tensor."""
 
     shift: bool = True
     ignore_index: int = -100
     temperature: float = 1.0
     logit_scale: float = 1.0
-    softcap: float | None = None
+    softcap: Optional[float] = None
     inplace_backward: bool = False
-    stats: tuple[str, ...] = ()  # names from fastdpo._logps_outputs.STATS
+    stats: tuple = ()  # names from fastdpo._logps_outputs.STATS
+
+
+def stats_mask(stats) -> int:
+    """Statistics names -> a bit mask (custom-op arguments are ints, not string lists)."""
+    return sum(1 << i for i, name in enumerate(STATS) if name in stats)
+
+
+def stats_of(mask: int) -> tuple:
+    return tuple(name for i, name in enumerate(STATS) if mask >> i & 1)
 
 
 def select_backend(logits: torch.Tensor) -> str:
@@ -69,50 +83,117 @@ def impl_for(logits: torch.Tensor):
     return triton_logps if select_backend(logits) == "triton" else chunked
 
 
-def _forward(logits, labels, ref_logits, o: LogpsOptions) -> LogpsForward:
-    kw = dict(shift=o.shift, ignore_index=o.ignore_index, temperature=o.temperature, logit_scale=o.logit_scale,
-              softcap=o.softcap, stats=o.stats)
+def _kernel_kw(shift, ignore_index, temperature, logit_scale, softcap) -> dict:
+    return dict(shift=shift, ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
+                softcap=softcap)  # fmt: skip
+
+
+def _forward(logits, labels, ref_logits, kw: dict, stats: tuple) -> LogpsForward:
     impl = impl_for(logits)
     if ref_logits is None or (impl is triton_logps and ref_logits.dtype == logits.dtype):
-        return impl.logps_fwd(logits, labels, ref_logits=ref_logits, **kw)
+        return impl.logps_fwd(logits, labels, ref_logits=ref_logits, stats=stats, **kw)
     # Reference logits of another dtype cannot share the launch: a second one, forward only.
-    ref = impl_for(ref_logits).logps_fwd(ref_logits, labels, **kw)
-    return impl.logps_fwd(logits, labels, **kw)._replace(ref_logp=ref.logp, ref_stats=ref.stats)
+    ref = impl_for(ref_logits).logps_fwd(ref_logits, labels, stats=stats, **kw)
+    return impl.logps_fwd(logits, labels, stats=stats, **kw)._replace(ref_logp=ref.logp, ref_stats=ref.stats)
 
 
-class TokenLogpsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ref_logits, options: LogpsOptions):
-        out = _forward(logits, labels, ref_logits, options)
-        # The entropy carries a gradient: its own allocation, not a view of the statistics buffer.
-        entropy = out.stats[STATS.index("entropy")].clone() if "entropy" in options.stats else None
-        ctx.save_for_backward(logits, labels, out.lse, entropy)
-        ctx.options = options
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*(x for x in out[2:] if x is not None))
-        return out.logp, entropy, out.stats, out.ref_logp, out.ref_stats
+def _empty(like: Tensor, dtype) -> Tensor:
+    return like.new_empty(0, dtype=dtype)
 
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, *_):
-        if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        logits, labels, lse, entropy = ctx.saved_tensors
-        o = ctx.options
-        grad = impl_for(logits).logps_bwd(
-            logits,
-            labels,
-            lse,
-            grad_logp,
-            shift=o.shift,
-            ignore_index=o.ignore_index,
-            temperature=o.temperature,
-            logit_scale=o.logit_scale,
-            softcap=o.softcap,
-            entropy=entropy,
-            grad_entropy=grad_entropy,
-            inplace=o.inplace_backward,
-        )
-        return grad, None, None, None
+
+@torch.library.custom_op("fastdpo::token_logps", mutates_args=())
+def _token_logps_op(
+    logits: Tensor,
+    labels: Tensor,
+    ref_logits: Optional[Tensor],
+    shift: bool,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: Optional[float],
+    stats: int,
+    inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logp, lse, entropy, stats, ref_logp, ref_stats); what was not requested is an empty tensor.
+    ``stats``: ``stats_mask`` of the statistics; ``inplace_backward`` is read by the backward only."""
+    names = stats_of(stats)
+    out = _forward(logits, labels, ref_logits, _kernel_kw(shift, ignore_index, temperature, logit_scale, softcap),
+                   names)  # fmt: skip
+    dtype = out.logp.dtype
+    # The entropy carries a gradient: its own allocation, not a view of the statistics buffer.
+    entropy = out.stats[STATS.index("entropy")].clone() if "entropy" in names else _empty(logits, dtype)
+
+    def given(x):  # outputs may not alias each other: a fresh empty tensor for each one missing
+        return _empty(logits, dtype) if x is None else x
+
+    return out.logp, out.lse, entropy, given(out.stats), given(out.ref_logp), given(out.ref_stats)
+
+
+@_token_logps_op.register_fake
+def _(logits, labels, ref_logits, shift, ignore_index, temperature, logit_scale, softcap, stats, inplace_backward):
+    N, T, _ = logits.shape
+    rows = (N, T - int(shift))
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_stats = len(STATS) if stats else 0
+    has_ref = ref_logits is not None
+    return (logits.new_empty(rows, dtype=dtype), logits.new_empty((2, *rows), dtype=dtype),
+            logits.new_empty(rows if stats & 1 else (0,), dtype=dtype),
+            logits.new_empty((n_stats, *rows) if n_stats else (0,), dtype=dtype),
+            logits.new_empty(rows if has_ref else (0,), dtype=dtype),
+            logits.new_empty((n_stats, *rows) if n_stats and has_ref else (0,), dtype=dtype))  # fmt: skip
+
+
+@torch.library.custom_op("fastdpo::token_logps_backward", mutates_args=())
+def _token_logps_backward_op(
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    grad_logp: Optional[Tensor],
+    entropy: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    shift: bool,
+    ignore_index: int,
+    temperature: float,
+    logit_scale: float,
+    softcap: Optional[float],
+) -> Tensor:
+    """dlogits ``[N, T, V]`` in the logits' dtype, a new buffer."""
+    return impl_for(logits).logps_bwd(
+        logits, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
+        **_kernel_kw(shift, ignore_index, temperature, logit_scale, softcap),
+    )  # fmt: skip
+
+
+@_token_logps_backward_op.register_fake
+def _(logits, labels, lse, grad_logp, entropy, grad_entropy, shift, ignore_index, temperature, logit_scale, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, _ref, shift, ignore_index, temperature, logit_scale, softcap, stats, inplace = inputs
+    logp, lse, entropy, stats_out, ref_logp, ref_stats = output
+    ctx.save_for_backward(logits, labels, lse, entropy if stats & 1 else None)
+    ctx.kw = _kernel_kw(shift, ignore_index, temperature, logit_scale, softcap)
+    ctx.inplace = inplace
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, stats_out, ref_logp, ref_stats)
+
+
+def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_):
+    logits, labels, lse, entropy = ctx.saved_tensors
+    if entropy is None:  # the entropy output is an empty placeholder: any gradient for it is meaningless
+        grad_entropy = None
+    if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
+        return (None,) * 10
+    if ctx.inplace and not torch.compiler.is_compiling():
+        grad = impl_for(logits).logps_bwd(logits, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
+                                          inplace=True, **ctx.kw)  # fmt: skip
+    else:
+        grad = _token_logps_backward_op(logits, labels, lse, grad_logp, entropy, grad_entropy, **ctx.kw)
+    return (grad,) + (None,) * 9
+
+
+_token_logps_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class TokenOutputs(NamedTuple):
@@ -126,7 +207,15 @@ class TokenOutputs(NamedTuple):
 
 
 def token_logps(
-    logits: torch.Tensor, labels: torch.Tensor, options: LogpsOptions, ref_logits: torch.Tensor | None = None
+    logits: Tensor, labels: Tensor, options: LogpsOptions, ref_logits: Optional[Tensor] = None
 ) -> TokenOutputs:
     """Per-token outputs of the fused sweep; arguments are assumed validated."""
-    return TokenOutputs(*TokenLogpsFunction.apply(logits, labels, ref_logits, options))
+    o = options
+    mask = stats_mask(o.stats)
+    logp, _lse, entropy, stats, ref_logp, ref_stats = _token_logps_op(
+        logits, labels, ref_logits, o.shift, o.ignore_index, o.temperature, o.logit_scale, o.softcap, mask,
+        o.inplace_backward,
+    )  # fmt: skip
+    return TokenOutputs(logp, entropy if mask & 1 else None, stats if mask else None,
+                        ref_logp if ref_logits is not None else None,
+                        ref_stats if mask and ref_logits is not None else None)  # fmt: skip
