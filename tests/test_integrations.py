@@ -160,3 +160,14 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     assert ddp_grads.keys() == single.keys()
     for name, grad in single.items():
         torch.testing.assert_close(ddp_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unsupported_trl_fails_loudly(monkeypatch):
+    """A TRL whose DPOTrainer does not use the fused LM head (TRL < 1.15) is refused at construction."""
+    import trl.trainer.dpo_trainer as dpo
+
+    from fastdpo.integrations import trl as fastdpo_trl
+
+    monkeypatch.delattr(dpo, "add_fused_lm_head")
+    with pytest.raises(ImportError, match=r"trl >= 1.15.*trl \d"):
+        fastdpo_trl.DPOTrainer(model=None)

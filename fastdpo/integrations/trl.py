@@ -7,25 +7,25 @@ Everything else is TRL's: ``DPOConfig`` and every loss option, the logged metric
 FSDP/DeepSpeed. fastdpo replaces exactly one call, the one that turns the last hidden states and the LM head
 into per-token outputs:
 
-- TRL >= 1.11 (tested: 1.16): ``add_fused_lm_head`` calls ``trl.trainer.utils._ChunkedLogProbFunction.apply(hidden,
-  weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)``.
-  ``FusedLMHeadLogProbs`` answers the same call with ``fastdpo.fused_linear_token_logps``: float32 logit tiles
-  (TRL rounds them to bf16: 0.2-0.4 nats per 256-token sequence, ``benchmarks/NOTES.md``), the same outputs
-  (log-probs, entropy, log sum p^2, mean logit, top-1).
-- TRL < 1.11 computed log-probs from logits with ``selective_log_softmax``; that module global of
-  ``trl.trainer.dpo_trainer`` is replaced by fastdpo's logits path (``fastdpo.token_logps``). Not tested: CI
-  installs TRL 1.16.
+Covered: TRL >= 1.15 (tested: 1.16, the version CI installs), whose ``DPOTrainer`` gets its log-probs from
+``add_fused_lm_head``, which calls ``trl.trainer.utils._ChunkedLogProbFunction.apply(hidden, weight, bias,
+targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)``. ``FusedLMHeadLogProbs``
+answers the same call with ``fastdpo.fused_linear_token_logps``: float32 logit tiles (TRL rounds them to bf16:
+0.2-0.4 nats per 256-token sequence, ``benchmarks/NOTES.md``), the same outputs (log-probs, entropy,
+log sum p^2, mean logit, top-1).
+
+Not covered: TRL 1.0-1.14, whose ``DPOTrainer`` computes log-probs from full logits through
+``selective_log_softmax`` / ``selective_log_softmax_and_entropy`` (signatures that changed across those
+releases). There the trainer raises ``ImportError`` naming the installed version; call ``fastdpo.dpo_loss`` on the
+logits in your own loop, or upgrade TRL.
 
 ``patch_trl()`` swaps the hook for the duration of a ``with`` block (or until ``.undo()``); ``DPOTrainer``
 applies it around its own loss and reference computations only, so other trainers in the process are untouched.
-An installed TRL with neither hook raises ``ImportError`` naming its version.
 """
 
 from __future__ import annotations
 
 import importlib
-
-import torch
 
 from fastdpo.fused_linear import fused_linear_token_logps
 
@@ -46,26 +46,16 @@ class FusedLMHeadLogProbs:
         return tuple(getattr(tok, name) for name in OUTPUT_ORDER)
 
 
-def _selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL < 1.11's ``selective_log_softmax(logits [..., V], index [...])``, on fastdpo's logits path."""
-    from fastdpo.functional import token_logps
-
-    flat = logits.reshape(-1, 1, logits.shape[-1]) if logits.ndim != 3 else logits
-    out = token_logps(flat, index.reshape(flat.shape[:2]), shift=False, ignore_index=-(2**62)).log_probs
-    return out.reshape(index.shape)
-
-
 def _hook():
-    """(module, attribute, replacement) for the installed TRL."""
+    """(module, attribute, replacement) for the installed TRL: its fused LM head's log-prob function."""
     trl = importlib.import_module("trl")
     utils = importlib.import_module("trl.trainer.utils")
-    if hasattr(utils, "_ChunkedLogProbFunction"):
-        return utils, "_ChunkedLogProbFunction", FusedLMHeadLogProbs
     dpo = importlib.import_module("trl.trainer.dpo_trainer")
-    if hasattr(dpo, "selective_log_softmax"):
-        return dpo, "selective_log_softmax", _selective_log_softmax
-    raise ImportError(f"fastdpo.integrations.trl supports TRL's fused LM head (trl >= 1.11) and its "
-                      f"selective_log_softmax (trl < 1.11); trl {trl.__version__} has neither")  # fmt: skip
+    if hasattr(utils, "_ChunkedLogProbFunction") and hasattr(dpo, "add_fused_lm_head"):
+        return utils, "_ChunkedLogProbFunction", FusedLMHeadLogProbs
+    raise ImportError(f"fastdpo.integrations.trl needs a TRL whose DPOTrainer uses the fused LM head (trl >= 1.15); "
+                      f"trl {trl.__version__} computes DPO log-probs from full logits: call fastdpo.dpo_loss on them, "
+                      "or upgrade TRL")  # fmt: skip
 
 
 class patch_trl:  # noqa: N801 - used like a function: `with patch_trl():` or `patch_trl()` ... `.undo()`
