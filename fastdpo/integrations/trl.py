@@ -19,13 +19,25 @@ Not covered: TRL 1.0-1.14, whose ``DPOTrainer`` computes log-probs from full log
 releases). There the trainer raises ``ImportError`` naming the installed version; call ``fastdpo.dpo_loss`` on the
 logits in your own loop, or upgrade TRL.
 
+Padding-free: TRL 1.16's DPO only warns on ``padding_free=True`` and pads. ``DPOTrainer`` here honours it: each
+padded batch is packed into one row (padding dropped, ``position_ids`` restarting per sequence), the model and
+the reference run on that row, and the per-token outputs go back to TRL's padded layout, so TRL's loss and
+metrics code runs unchanged. Attention stays within each sequence: flash-attention implementations read the
+sequence boundaries from ``position_ids``; any other (sdpa, eager) gets a block-diagonal causal mask of
+``total_tokens^2`` booleans (fine for the short batches of DPO on CPU; use flash attention at scale). Not
+supported together with padding-free (an error at construction): a PEFT adapter-disabled reference, vision data.
+
 ``patch_trl()`` swaps the hook for the duration of a ``with`` block (or until ``.undo()``); ``DPOTrainer``
 applies it around its own loss and reference computations only, so other trainers in the process are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import warnings
+
+import torch
 
 from fastdpo.fused_linear import fused_linear_token_logps
 
@@ -76,6 +88,47 @@ class patch_trl:  # noqa: N801 - used like a function: `with patch_trl():` or `p
         self.undo()
 
 
+PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+class PackedModel:
+    """Calls a (fused-head) causal LM on a padded ``[N, T]`` batch packed into one ``[1, total]`` row, and returns
+    its per-token outputs in the padded ``[N, T - 1]`` layout. Other calls and attributes go to the model."""
+
+    def __init__(self, model):
+        object.__setattr__(self, "model", model)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *, input_ids, attention_mask, labels=None, fused_lm_head=False, **kwargs):
+        if not fused_lm_head:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        keep = attention_mask.bool()
+        position_ids = (keep.cumsum(1) - 1)[keep].unsqueeze(0)
+        packed_labels = labels[keep].clone()
+        packed_labels[position_ids[0] == 0] = -100  # a sequence's first token is never scored (nor read across)
+        mask = {} if "flash" in str(getattr(self.model.config, "_attn_implementation", "")) else {
+            "attention_mask": _block_causal_mask(keep)}  # fmt: skip
+        out = self.model(input_ids=input_ids[keep].unsqueeze(0), position_ids=position_ids,
+                         labels=packed_labels.unsqueeze(0), fused_lm_head=True, **mask, **kwargs)  # fmt: skip
+        # padded (n, t) scores token t + 1 of row n: packed position j = rank of token (n, t) among kept tokens
+        scored = keep[:, :-1] & keep[:, 1:]
+        source = (keep.flatten().cumsum(0) - 1).view_as(keep)[:, :-1][scored]
+        for name in PER_TOKEN_FIELDS:
+            value = getattr(out, name, None)
+            if value is not None:
+                setattr(out, name, value.new_zeros(scored.shape).masked_scatter(scored, value[0][source]))
+        return out
+
+
+def _block_causal_mask(keep: torch.Tensor) -> torch.Tensor:
+    """``[1, 1, total, total]`` boolean mask: causal within each packed sequence, nothing across them."""
+    sequence = torch.repeat_interleave(torch.arange(keep.shape[0], device=keep.device), keep.sum(1))
+    causal = torch.ones(sequence.numel(), sequence.numel(), dtype=torch.bool, device=keep.device).tril()
+    return ((sequence[:, None] == sequence[None, :]) & causal)[None, None]
+
+
 def __getattr__(name: str):
     # The trainer subclass is built on first access, so importing this module does not import TRL.
     if name in ("DPOTrainer", "FastDPOTrainer"):
@@ -96,15 +149,36 @@ def _trainer_class():
 
             def __init__(self, *args, **kwargs):
                 _hook()  # fail at construction, not at the first step, on an unsupported TRL
-                super().__init__(*args, **kwargs)
+                config = kwargs.get("args", args[1] if len(args) > 1 else None)
+                self.fastdpo_packed = bool(getattr(config, "padding_free", False))
+                with warnings.catch_warnings():
+                    if self.fastdpo_packed:  # TRL's "padding_free is disabled" warning: not true here
+                        warnings.filterwarnings("ignore", message=".*padding_free=True.*")
+                    super().__init__(*args, **kwargs)
+                if self.fastdpo_packed and self.ref_model is None and not self.precompute_ref_logps:
+                    raise ValueError("padding_free=True with fastdpo needs a ref_model or precompute_ref_log_probs=True "
+                                     "(an adapter-disabled PEFT reference is not supported packed)")  # fmt: skip
+                if self.fastdpo_packed and self._is_vision_dataset:
+                    raise ValueError("padding_free=True with fastdpo does not support vision datasets")
 
-            def compute_loss(self, *args, **kwargs):
-                with patch_trl():
-                    return super().compute_loss(*args, **kwargs)
+            @contextlib.contextmanager
+            def _packed_reference(self):
+                ref = self.ref_model
+                if self.fastdpo_packed and ref is not None:
+                    self.ref_model = PackedModel(ref)
+                try:
+                    yield
+                finally:
+                    self.ref_model = ref
 
-            def compute_ref_log_probs(self, *args, **kwargs):
+            def compute_loss(self, model, *args, **kwargs):
+                with patch_trl(), self._packed_reference():
+                    return super().compute_loss(PackedModel(model) if self.fastdpo_packed else model, *args, **kwargs)
+
+            def compute_ref_log_probs(self, model, *args, **kwargs):
                 with patch_trl():
-                    return super().compute_ref_log_probs(*args, **kwargs)
+                    return super().compute_ref_log_probs(PackedModel(model) if self.fastdpo_packed else model, *args,
+                                                         **kwargs)  # fmt: skip
 
         _TRAINER = FastDPOTrainer
     return _TRAINER
