@@ -21,8 +21,10 @@ LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_logits_labels(
-    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, temperature: float, ignore_index: int
+    logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, temperature: float, ignore_index: int,
+    check_values: bool = True,
 ) -> None:
+    """``check_values=False``: skip the label range check (a vocab shard: the caller checks against the global V)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}"
@@ -49,7 +51,8 @@ def check_logits_labels(
         raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
     if not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    check_label_values(labels, V, ignore_index, first_scored=int(shift))
+    if check_values:
+        check_label_values(labels, V, ignore_index, first_scored=int(shift))
 
 
 def check_label_values(labels: torch.Tensor, V: int, ignore_index: int, first_scored: int) -> None:

@@ -26,18 +26,48 @@ from fastdpo import _pipeline, _validation
 from fastdpo._logps_outputs import OUTPUTS, STATS, TokenLogps, check_outputs
 from fastdpo.losses import DPOOutput, LossConfig
 from fastdpo.ops import logps as logps_op
+from fastdpo.ops import vocab_parallel as vocab_parallel_op
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
 from fastdpo.sequences import SequenceLayout
 
 
-def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1.0, inplace_backward=False):
-    """A ``_pipeline.TokenSource`` reading per-token outputs from ``logits`` (and ``ref_logits`` in the same launch)."""
+def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1.0, inplace_backward=False,
+                  vocab_parallel=None):  # fmt: skip
+    """A ``_pipeline.TokenSource`` reading per-token outputs from ``logits`` (and ``ref_logits`` in the same launch).
+    ``vocab_parallel``: ``(group, first vocab id, global V)`` when the logits are this rank's vocab shard."""
 
     def run(labels: torch.Tensor, stats: tuple[str, ...], with_reference: bool) -> logps_op.TokenOutputs:
         options = logps_op.LogpsOptions(shift=shift, ignore_index=ignore_index, temperature=float(temperature),
                                         inplace_backward=inplace_backward, stats=stats)  # fmt: skip
-        return logps_op.token_logps(logits, labels, options, ref_logits=ref_logits if with_reference else None)
+        ref = ref_logits if with_reference else None
+        if vocab_parallel is not None:
+            return vocab_parallel_op.token_logps(logits, labels, options, *vocab_parallel, ref_logits=ref)
+        return logps_op.token_logps(logits, labels, options, ref_logits=ref)
 
     return run
+
+
+def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_index):
+    """(logits, ref_logits, vocab_parallel) with a DTensor or a ``group``'s shard resolved; labels are checked
+    against the global vocab size. ``vocab_parallel`` is None for unsharded logits."""
+    if DTensor is not None and isinstance(logits, DTensor):
+        if group is not None or start is not None:
+            raise ValueError("a DTensor of logits carries its own group and offsets: do not pass "
+                             "vocab_parallel_group / vocab_start_index with it")  # fmt: skip
+        logits, group, start = vocab_parallel_op.from_dtensor(logits)
+        if ref_logits is not None and isinstance(ref_logits, DTensor):
+            ref_logits = vocab_parallel_op.from_dtensor(ref_logits)[0]
+    if group is None:
+        if start is not None:
+            raise ValueError("vocab_start_index needs vocab_parallel_group")
+        return logits, ref_logits, None
+    start, V_total = vocab_parallel_op.shard_layout(logits, group, start)
+    _validation.check_label_values(labels, V_total, ignore_index, first_scored=int(shift))
+    return logits, ref_logits, (group, start, V_total)
 
 
 def token_outputs(out: logps_op.TokenOutputs, outputs: tuple[str, ...]) -> TokenLogps:
@@ -60,14 +90,23 @@ def token_logps(
     temperature: float = 1.0,
     outputs: tuple[str, ...] = ("log_probs",),
     inplace_backward: bool = False,
+    vocab_parallel_group=None,
+    vocab_start_index: int | None = None,
 ) -> TokenLogps:
     """Per-token outputs ``[N, T - shift]`` of one sweep over the logits: any of ``log_probs``, ``entropy``,
     ``mean_logits``, ``is_top1`` (bool), ``log_sum_sq_probs``; None for what was not requested, 0 (False) where
-    the label is ignored. ``log_probs`` and ``entropy`` carry gradients. Float32 (float64 for float64 logits)."""
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index)
+    the label is ignored. ``log_probs`` and ``entropy`` carry gradients. Float32 (float64 for float64 logits).
+
+    Vocab parallel: ``logits`` is this rank's shard ``[N, T, V_s]`` with ``vocab_parallel_group`` and
+    ``vocab_start_index`` (default: equal shards in rank order), or a DTensor sharded on the vocab dimension;
+    labels are global ids. Every rank gets the full (replicated) outputs; see ``fastdpo.ops.vocab_parallel``."""
+    logits, _, vocab_parallel = _vocab_shard(logits, labels, None, vocab_parallel_group, vocab_start_index,
+                                             shift=shift, ignore_index=ignore_index)  # fmt: skip
+    _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
+                                    check_values=vocab_parallel is None)  # fmt: skip
     check_outputs(outputs)
     source = logits_source(logits, shift=shift, ignore_index=ignore_index, temperature=temperature,
-                           inplace_backward=inplace_backward)  # fmt: skip
+                           inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return token_outputs(source(labels, _pipeline.ordered_stats(outputs), False), outputs)
 
 
@@ -84,6 +123,8 @@ def sequence_logps(
     position_ids: torch.Tensor | None = None,
     ld_alpha: float | None = None,
     pairs: torch.Tensor | None = None,
+    vocab_parallel_group=None,
+    vocab_start_index: int | None = None,
 ) -> torch.Tensor:
     """Sum (or, with ``average=True``, mean over scored tokens) of each sequence's label log-probs.
 
@@ -93,11 +134,14 @@ def sequence_logps(
     allocated. With ``ld_alpha`` the batch is read as DPO pairs (``pairs``, default sequence i with B + i) and
     the sums are LD-DPO weighted, as ``dpo_loss`` weights them (what precomputed reference sums need).
     """
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index)
+    logits, _, vocab_parallel = _vocab_shard(logits, labels, None, vocab_parallel_group, vocab_start_index,
+                                             shift=shift, ignore_index=ignore_index)  # fmt: skip
+    _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
+                                    check_values=vocab_parallel is None)  # fmt: skip
     layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(logits, cu_seq_lens,
                                                                                          position_ids))
     source = logits_source(logits, shift=shift, ignore_index=ignore_index, temperature=temperature,
-                           inplace_backward=inplace_backward)  # fmt: skip
+                           inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.sequence_sums(source, labels, layout, ignore_index=ignore_index, average=average,
                                    ld_alpha=ld_alpha, pairs=pairs)  # fmt: skip
 
@@ -127,6 +171,8 @@ def dpo_loss(
     pairs: torch.Tensor | None = None,
     return_metrics: bool = False,
     inplace_backward: bool = False,
+    vocab_parallel_group=None,
+    vocab_start_index: int | None = None,
 ) -> DPOOutput:
     """DPO-family loss over TRL's concatenated (or packed) batch, from the policy logits in one fused sweep.
 
@@ -143,12 +189,15 @@ def dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
         discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
     )  # fmt: skip
-    _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index)
+    logits, ref_logits, vocab_parallel = _vocab_shard(logits, labels, ref_logits, vocab_parallel_group,
+                                                      vocab_start_index, shift=shift, ignore_index=ignore_index)  # fmt: skip
+    _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index,
+                                    check_values=vocab_parallel is None)  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)
     layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(logits, cu_seq_lens,
                                                                                          position_ids))
     source = logits_source(logits, ref_logits, shift=shift, ignore_index=ignore_index,
-                           inplace_backward=inplace_backward)  # fmt: skip
+                           inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.preference(source, labels, layout, ref_chosen_logps, ref_rejected_logps, cfg,
                                 ignore_index=ignore_index, has_inline_reference=ref_logits is not None, pairs=pairs,
                                 return_metrics=return_metrics)  # fmt: skip

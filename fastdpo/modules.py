@@ -14,7 +14,8 @@ from fastdpo.losses import DPOOutput, LossConfig
 class DPOLoss(nn.Module):
     """``DPOLoss(beta=0.1, ...)(logits, labels, ref_chosen_logps, ref_rejected_logps, **batch) -> DPOOutput``.
 
-    Same keywords and semantics as ``fastdpo.dpo_loss``; the loss options are validated at construction.
+    Same keywords and semantics as ``fastdpo.dpo_loss``; the loss options are validated at construction. With
+    ``vocab_parallel_group`` (and ``vocab_start_index``) the logits passed to ``forward`` are this rank's shard.
     Per-batch tensors (``ref_logits``, ``cu_seq_lens``, ``position_ids``, ``pairs``) go to ``forward``.
     """
 
@@ -27,6 +28,8 @@ class DPOLoss(nn.Module):
         shift: bool = True,
         return_metrics: bool = False,
         inplace_backward: bool = False,
+        vocab_parallel_group=None,
+        vocab_start_index: int | None = None,
         **loss_options,
     ):
         super().__init__()
@@ -35,6 +38,7 @@ class DPOLoss(nn.Module):
         self.shift = shift
         self.return_metrics = return_metrics
         self.inplace_backward = inplace_backward
+        self.vocab_parallel = dict(vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)
 
     def forward(
         self,
@@ -54,6 +58,7 @@ class DPOLoss(nn.Module):
             shift=self.shift,
             return_metrics=self.return_metrics,
             inplace_backward=self.inplace_backward,
+            **self.vocab_parallel,
             **batch,
         )
 

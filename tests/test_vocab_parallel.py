@@ -1,0 +1,115 @@
+"""Vocab-parallel logits path on torch.distributed (gloo, 2 and 4 spawned processes): each rank holds a slice of
+the vocabulary; log-probs, statistics, the DPO loss and metrics equal the unsharded float64 reference on every
+rank, and each rank's gradient is its slice of the unsharded gradient."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastdpo
+from fastdpo import reference
+from fastdpo._testing import make_labels
+
+B, T, V = 2, 7, 300
+OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1234)
+    logits = torch.randn(2 * B, T, V, generator=gen) * 3
+    labels = torch.randint(0, V, (2 * B, T), generator=gen)
+    labels[:, :2] = -100
+    labels[0, 3] = V - 1  # the first and last vocab ids are scored somewhere
+    labels[1, 4] = 0
+    # top-1 across shards: the global argmax (top-1), a later shard's local argmax (not top-1), and a tie with an
+    # earlier shard (not top-1: the first argmax wins)
+    labels[2, 2:] = logits[2, 1:-1].argmax(-1)
+    labels[3, 2:] = logits[3, 1:-1, 200:].argmax(-1) + 200
+    tie = logits[1, 5].argmax()
+    logits[1, 5, 10], labels[1, 6] = logits[1, 5, tie] + 5, tie  # label sits past an equal, earlier maximum
+    logits[1, 5, tie] = logits[1, 5, 10]
+    ref_logits = torch.randn(2 * B, T, V, generator=gen) * 3
+    ref = torch.randn(2, B, generator=gen) - 30
+    return logits, labels, ref_logits, ref
+
+
+def _close(got, want, name, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _worker(rank, world, store, bounds, backend, use_dtensor):
+    os.environ["FASTDPO_BACKEND"] = backend
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        logits, labels, ref_logits, ref = _inputs()
+        lo, hi = bounds[rank], bounds[rank + 1]
+        sizes = {b - a for a, b in zip(bounds, bounds[1:])}
+        # equal shards use the default offsets (rank * V_s); uneven ones pass theirs
+        kw = {} if use_dtensor else dict(vocab_parallel_group=dist.group.WORLD,
+                                         vocab_start_index=None if len(sizes) == 1 else lo)  # fmt: skip
+
+        def shard(x):
+            x = x[..., lo:hi].clone().requires_grad_()
+            if not use_dtensor:
+                return x, x
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import DTensor, Shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            d = DTensor.from_local(x, mesh, [Shard(2)], run_check=False, shape=(*x.shape[:2], V),
+                                   stride=(T * V, V, 1))  # fmt: skip
+            return x, d
+
+        # per-token outputs and their gradients (log-probs and entropy)
+        x, xin = shard(logits)
+        tok = fastdpo.token_logps(xin, labels, outputs=OUTPUTS, **kw)
+        full = logits.double().requires_grad_()
+        want = reference.token_logps(full, labels, outputs=OUTPUTS)
+        for name in OUTPUTS:
+            got, exp = getattr(tok, name), getattr(want, name)
+            if name == "is_top1":
+                assert torch.equal(got, exp), name
+            else:
+                _close(got, exp.detach(), name)
+        g1, g2 = torch.randn(2, 2 * B, T - 1, generator=torch.Generator().manual_seed(7))
+        (tok.log_probs * g1 + tok.entropy * g2).sum().backward()
+        ((want.log_probs * g1 + want.entropy * g2).sum()).backward()
+        _close(x.grad, full.grad[..., lo:hi], "token grad")
+
+        # the DPO loss with metrics, WPO weights and reference logits in the same call
+        x, xin = shard(logits)
+        r, rin = shard(ref_logits)
+        out = fastdpo.dpo_loss(xin, labels, ref_logits=rin.detach(), beta=0.2, use_weighting=True,
+                               return_metrics=True, **kw)  # fmt: skip
+        full = logits.double().requires_grad_()
+        truth = reference.dpo_loss(full, labels, ref_logits=ref_logits.double(), beta=0.2, use_weighting=True,
+                                   return_metrics=True)  # fmt: skip
+        _close(out.loss, truth.loss, "loss")
+        for name, value in truth.metrics.items():
+            _close(out.metrics[name], value, name)
+        out.loss.backward()
+        truth.loss.backward()
+        _close(x.grad, full.grad[..., lo:hi], "loss grad", atol=1e-6)
+
+        # sequence sums with precomputed references
+        seq = fastdpo.sequence_logps(shard(logits)[1], labels, **kw)
+        _close(seq, reference.sequence_logps(logits.double(), labels), "sequence_logps")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "world,bounds,use_dtensor",
+    [
+        (2, [0, 150, V], False),  # equal shards, default offsets
+        (2, [0, 41, V], False),  # uneven, explicit vocab_start_index
+        (4, [0, 75, 150, 225, V], False),
+        (2, [0, 150, V], True),  # DTensor Shard(2)
+    ],
+    ids=["tp2", "tp2-uneven", "tp4", "dtensor2"],
+)
+def test_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, backend, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), bounds, backend, use_dtensor), nprocs=world, join=True)
