@@ -71,7 +71,7 @@ def _worker(rank, world, store, bounds, backend, use_dtensor):
         for name in OUTPUTS:
             got, exp = getattr(tok, name), getattr(want, name)
             if name == "is_top1":
-                assert torch.equal(got, exp), name
+                assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
             else:
                 _close(got, exp.detach(), name)
         g1, g2 = torch.randn(2, 2 * B, T - 1, generator=torch.Generator().manual_seed(7))

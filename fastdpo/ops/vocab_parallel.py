@@ -12,7 +12,8 @@ V (r = e^(m_s - m)):
     H = log l - sum_s r (h_s + (m_s - m) l_s) / l,  h_s = l_s (log l_s - H_s)    (entropy; in the SUM above)
     log sum p^2 = log sum_s r^2 q_s - 2 log l,  q_s = l_s^2 e^(log sum p_s^2)   (WPO)
     mean logit = sum_s V_s mean_s / V
-    top-1: the owner's shard-local top-1, z_label >= m, and z_label > the max of every shard wholly before it
+    top-1: the owner's shard-local top-1 (then z_label = m_owner exactly), m_owner >= m, and m_owner > the max of
+           every shard wholly before the label's id (the first argmax wins ties)
 
 Backward: no communication. The shard's gradient is its slice of the unsharded one, written by the same backward
 kernel from the *global* (m, log l) and entropy: dz = g (onehot - e^(z - m - log l)) - g_H p (log p + H).
@@ -74,8 +75,9 @@ class VocabParallelLogps(torch.autograd.Function):
         if "mean_logits" in stat:
             parts["mean_logits"] = stat["mean_logits"] * (V_local / V_total)
         if "is_top1" in stat:
-            z_label = out.logp + m_s + log_l_s  # the owner's label logit, to compare with other shards' maxima
-            parts["z_label"] = torch.where(owned, z_label, 0.0)
+            # Where the label is its shard's first argmax, its logit *is* the shard max m_s: compare that exact value
+            # with the other shards' maxima (rebuilding z_label from logp + m + log l would round).
+            parts["z_label"] = torch.where(owned, m_s, 0.0)
             parts["top1_owner"] = torch.where(owned, stat["is_top1"], 0.0)
         summed = _all_reduce(torch.stack(list(parts.values())), dist.ReduceOp.SUM, group)
         total = dict(zip(parts, summed))
