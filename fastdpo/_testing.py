@@ -33,15 +33,30 @@ def downcast_slack(dtype: torch.dtype, triton_path: bool) -> float:
     return 2.0**-7 if interpreted and dtype == torch.bfloat16 else 0.0
 
 
-def propagated_slack(beta: float, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> float:
+def propagated_slack(
+    beta: float, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, amplification: float = 1.0
+) -> float:
     """Extra relative tolerance for gradients of a loss of beta * (logp_c - logp_r).
 
     The per-sequence coefficient c = dL/dlogp depends on beta * Δ, so float32 rounding of the summed
     log-probs (a few ulps of |logp_c| + |logp_r|) moves every gradient element by about
     beta * that error, relative. The naive baseline can be luckier than that on one draw; this bound cannot.
+    ``amplification``: the largest |d score / d log-ratio| of an f-divergence (forward KL: e^(-ρ)), which
+    multiplies that sensitivity (``f_divergence_amplification``).
     """
     span = float(chosen_logps.detach().abs().max() + rejected_logps.detach().abs().max())
-    return beta * span * 2.0**-21
+    return beta * span * 2.0**-21 * max(1.0, amplification)
+
+
+def f_divergence_amplification(kind: str, alpha: float, logratios: torch.Tensor) -> float:
+    """The largest slope |d score / d ρ| over the batch's log-ratios ρ: e^(-ρ) for forward KL, e^((α-1)ρ) for
+    the α-divergence, 1 otherwise (reverse KL, JS: bounded by 1)."""
+    rho = logratios.detach().double()
+    if kind == "forward_kl":
+        return float(torch.exp(-rho).max())
+    if kind == "alpha_divergence":
+        return float(torch.exp((alpha - 1) * rho).max())
+    return 1.0
 
 
 def make_logits(N: int, T: int, V: int, dtype: torch.dtype, device, *, scale: float = 3.0) -> torch.Tensor:

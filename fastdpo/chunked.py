@@ -163,7 +163,7 @@ def logps_bwd(
         scored = y != ignore_index
         z = transform.apply(logits[ns, ts], work)
         log_p = z.sub_(max_rows[ns, ts].unsqueeze(-1)).sub_(log_norm_rows[ns, ts].unsqueeze(-1))
-        if g_ent is None:
+        if g_ent is None:  # -g p everywhere; the label's entry is replaced below
             dz = log_p.exp_().mul_(-g_logp[ns, ts].unsqueeze(-1))
         else:  # - g_H p (log p + H)
             p = log_p.exp()
@@ -171,10 +171,17 @@ def logps_bwd(
             dz.mul_(-g_ent[ns, ts].unsqueeze(-1))
             if g_logp is not None:
                 dz.sub_(p * g_logp[ns, ts].unsqueeze(-1))
-        if g_logp is not None:  # + g at the label
-            hit = scored & (y >= 0) & (y < V)
-            coef = torch.where(hit, g_logp[ns, ts], 0.0).unsqueeze(-1)
-            dz.scatter_add_(-1, torch.where(hit, y, 0).unsqueeze(-1), coef)
+        if g_logp is not None:  # the label's entry, g (1 - p) = -g expm1(log p): exact where p -> 1
+            hit = (scored & (y >= 0) & (y < V)).unsqueeze(-1)
+            index = torch.where(hit, y.unsqueeze(-1), 0)
+            z_label = transform.apply(logits[ns, ts].gather(-1, index), work)
+            lp = (z_label - max_rows[ns, ts].unsqueeze(-1)) - log_norm_rows[ns, ts].unsqueeze(-1)
+            value = -torch.expm1(lp.clamp(max=0.0)) * g_logp[ns, ts].unsqueeze(-1)
+            if g_ent is not None:
+                p_label = lp.exp()
+                entropy_term = torch.where(p_label > 0, p_label * (lp + ent[ns, ts].unsqueeze(-1)), 0.0)
+                value = value - g_ent[ns, ts].unsqueeze(-1) * entropy_term
+            dz.scatter_(-1, index, torch.where(hit, value, dz.gather(-1, index)))
         if transform != _Transform():
             dz.mul_(transform.derivative(logits[ns, ts], work))  # dlogits = dz f'(x)
         grad[ns, ts] = dz.masked_fill_(~scored.unsqueeze(-1), 0.0)  # unscored rows: 0, whatever they hold

@@ -18,6 +18,7 @@ from fastdpo._testing import (
     assert_close_to_reference,
     downcast_slack,
     make_labels,
+    f_divergence_amplification,
     make_logits,
     propagated_slack,
 )
@@ -91,7 +92,10 @@ def _check(c, device):
                                   slack=loss_slack if name == "loss" else 0.0)
     assert_close_to_reference(seq, truth_seq, base_seq, dtype, "average logps")
     slack = downcast_slack(dtype, triton_path=select_backend(logits) == "triton")
-    loss_slack = slack + propagated_slack(c["beta"], truth.chosen_logps, truth.rejected_logps)
+    # forward KL / α-divergence scores are exp(±ρ): a log-prob's float32 rounding is amplified by their slope
+    rho = torch.cat([truth.chosen_logps - ref_c.double(), truth.rejected_logps - ref_r.double()])
+    amp = f_divergence_amplification(kw["f_divergence_type"], 0.5, rho)  # DPOConfig's default α
+    loss_slack = slack + propagated_slack(c["beta"], truth.chosen_logps, truth.rejected_logps, amp)
     for name, grad, truth_grad, base_grad, s in zip(("grad of loss", "grad of average logps"), grads, truth_grads,
                                                     base_grads, (loss_slack, slack)):
         assert_close_to_reference(grad, truth_grad, base_grad.to(dtype), dtype, name, slack=s)

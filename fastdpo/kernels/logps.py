@@ -26,7 +26,7 @@ The shift of the Hugging Face convention (logits[:, t] scores labels[:, t + 1]) 
 sliced or narrowed logits view is read in place. All offsets are int64: N * T * V passes 2^31 at
 realistic sizes (16k tokens x 152k vocab).
 
-Bytes per scored row: forward reads V logits (+ one label, writes 12 bytes, + 4 per statistic); backward reads V logits and
+Bytes per scored row: forward reads V logits (+ one label, writes 12 bytes, + 4 per statistic); backward reads V + 1 logits and
 writes V gradients (unscored rows: writes V zeros only). Reference: ``fastdpo.reference.sequence_logps``.
 """
 
@@ -66,6 +66,15 @@ def _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP: tl.constexpr
         t = 1.0 - 2.0 / (tl.exp(2.0 * (y / softcap)) + 1.0)
         y = softcap * t
     return y * inv_temperature, t
+
+
+@triton.jit
+def _one_minus_exp(x):
+    """1 - e^x for x <= 0 without cancellation near x = 0 (a label with p -> 1): -expm1(x) by Kahan's
+    formula expm1(x) = (u - 1) x / log u, u = e^x, exact to a few ulps where 1 - e^x would keep none."""
+    u = tl.exp(x)
+    em1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    return -tl.where(u == 0.0, -1.0, em1)
 
 
 @triton.jit
@@ -226,6 +235,11 @@ def _logps_bwd_kernel(
 
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
     grad_row_ptr = grad_logits_ptr + n * stride_grad_n + t * stride_grad_t
+    # At the label, 1 - p is computed once per row from its log-prob, not as 1.0 - p in the loop: when p -> 1
+    # the subtraction keeps no correct digit (one extra element read, as in the forward).
+    x_label = tl.load(row_ptr + label, mask=scored & in_vocab, other=0.0).to(tl.float32)
+    z_label, _ = _transformed(x_label, logit_scale, softcap, inv_temperature, SOFTCAP)
+    one_minus_p_label = _one_minus_exp(tl.minimum((z_label - m_i) - log_l, 0.0))
     offs_v = tl.arange(0, BLOCK_V)
     v_read = tl.where(scored, V, 0)  # unscored rows read nothing (fully masked loads) and write zeros
     for start in range(0, V, BLOCK_V):
@@ -235,7 +249,7 @@ def _logps_bwd_kernel(
         z, t_cap = _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP)
         log_p = (z - m_i) - log_l
         p = tl.exp(log_p)
-        dz = coef * (tl.where(offs == label, 1.0, 0.0) - p)
+        dz = coef * tl.where(offs == label, one_minus_p_label, -p)
         if HAS_ENTROPY_GRAD:
             dz -= coef_h * tl.where(p > 0.0, p * (log_p + entropy), 0.0)  # dH/dz_v = -p_v (log p_v + H)
         dz = dz * (logit_scale * inv_temperature)  # f'(x)
