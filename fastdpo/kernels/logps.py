@@ -70,11 +70,12 @@ def _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP: tl.constexpr
 
 @triton.jit
 def _one_minus_exp(x):
-    """1 - e^x for x <= 0 without cancellation near x = 0 (a label with p -> 1): -expm1(x) by Kahan's
-    formula expm1(x) = (u - 1) x / log u, u = e^x, exact to a few ulps where 1 - e^x would keep none."""
+    """1 - e^x for x <= 0 without cancellation near x = 0 (a label with p -> 1): -expm1(x), by Kahan's
+    expm1(x) = (u - 1) x / log u, u = e^x, for x > -1 (a few ulps where 1 - e^x keeps none); 1 - u below, where
+    it is exact and Kahan's quotient would lose digits to a subnormal u."""
     u = tl.exp(x)
-    em1 = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
-    return -tl.where(u == 0.0, -1.0, em1)
+    near_zero = tl.where(u == 1.0, x, (u - 1.0) * x / tl.log(u))
+    return -tl.where(x < -1.0, u - 1.0, near_zero)
 
 
 @triton.jit
