@@ -32,7 +32,7 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed
     DTensor = None
-from fastdpo.sequences import SequenceLayout
+from fastdpo.sequences import ContextParallelLayout, SequenceLayout
 
 
 def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1.0, inplace_backward=False,
@@ -49,6 +49,20 @@ def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1
         return logps_op.token_logps(logits, labels, options, ref_logits=ref)
 
     return run
+
+
+def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_parallel_group, name="logits"):
+    """The ``SequenceLayout`` of a call: padded, packed, or padded rows split along T over a context-parallel group
+    (which needs labels already aligned with the positions, ``shift=False``, and no packing yet)."""
+    if context_parallel_group is None:
+        return SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(
+            tensor, cu_seq_lens, position_ids, name=name))  # fmt: skip
+    if shift:
+        raise ValueError("context_parallel_group needs shift=False: each rank's labels must already be aligned with "
+                         "its positions (the boundary token's label comes from the next rank's slice)")  # fmt: skip
+    if cu_seq_lens is not None or position_ids is not None:
+        raise NotImplementedError("context parallelism over packed batches is not supported yet")
+    return ContextParallelLayout(labels, group=context_parallel_group)
 
 
 def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_index):
@@ -125,6 +139,7 @@ def sequence_logps(
     pairs: torch.Tensor | None = None,
     vocab_parallel_group=None,
     vocab_start_index: int | None = None,
+    context_parallel_group=None,
 ) -> torch.Tensor:
     """Sum (or, with ``average=True``, mean over scored tokens) of each sequence's label log-probs.
 
@@ -138,8 +153,8 @@ def sequence_logps(
                                              shift=shift, ignore_index=ignore_index)  # fmt: skip
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
                                     check_values=vocab_parallel is None)  # fmt: skip
-    layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(logits, cu_seq_lens,
-                                                                                         position_ids))
+    layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
+                         context_parallel_group=context_parallel_group)  # fmt: skip
     source = logits_source(logits, shift=shift, ignore_index=ignore_index, temperature=temperature,
                            inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.sequence_sums(source, labels, layout, ignore_index=ignore_index, average=average,
@@ -173,6 +188,7 @@ def dpo_loss(
     inplace_backward: bool = False,
     vocab_parallel_group=None,
     vocab_start_index: int | None = None,
+    context_parallel_group=None,
 ) -> DPOOutput:
     """DPO-family loss over TRL's concatenated (or packed) batch, from the policy logits in one fused sweep.
 
@@ -194,8 +210,8 @@ def dpo_loss(
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index,
                                     check_values=vocab_parallel is None)  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)
-    layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(logits, cu_seq_lens,
-                                                                                         position_ids))
+    layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
+                         context_parallel_group=context_parallel_group)  # fmt: skip
     source = logits_source(logits, ref_logits, shift=shift, ignore_index=ignore_index,
                            inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.preference(source, labels, layout, ref_chosen_logps, ref_rejected_logps, cfg,

@@ -22,11 +22,10 @@ import torch
 
 from fastdpo import _pipeline, _validation
 from fastdpo._logps_outputs import TokenLogps, check_outputs
-from fastdpo.functional import token_outputs
+from fastdpo.functional import make_layout, token_outputs
 from fastdpo.losses import DPOOutput, LossConfig
 from fastdpo.ops.fused_linear import FusedLinearOptions, fused_linear_logps
 from fastdpo.ops.logps import TokenOutputs
-from fastdpo.sequences import SequenceLayout
 
 try:
     from torch.distributed.tensor import DTensor
@@ -189,6 +188,7 @@ def fused_linear_sequence_logps(
     ld_alpha: float | None = None,
     pairs: torch.Tensor | None = None,
     tile_elements: int | None = None,
+    context_parallel_group=None,
 ) -> torch.Tensor:
     """``fastdpo.sequence_logps`` of ``f(hidden @ weight.T + bias)``: hidden ``[N, T, D]`` -> ``[S]`` float32.
 
@@ -196,8 +196,8 @@ def fused_linear_sequence_logps(
     weight, bias = _full(weight), _full(bias)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
-    layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(
-        hidden, cu_seq_lens, position_ids, name="hidden"))  # fmt: skip
+    layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
+                         context_parallel_group=context_parallel_group, name="hidden")  # fmt: skip
     source = hidden_source(hidden, weight, bias, options, shift=shift)
     return _pipeline.sequence_sums(source, labels, layout, ignore_index=ignore_index, average=average,
                                    ld_alpha=ld_alpha, pairs=pairs)  # fmt: skip
@@ -235,6 +235,7 @@ def fused_linear_dpo_loss(
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     tile_elements: int | None = None,
+    context_parallel_group=None,
 ) -> DPOOutput:
     """``fastdpo.dpo_loss`` of ``f(hidden @ weight.T + bias)`` without the logits; the same loss family,
     metrics, packing and pairing keywords.
@@ -254,8 +255,8 @@ def fused_linear_dpo_loss(
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index)
     reference = _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
-    layout = SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(
-        hidden, cu_seq_lens, position_ids, name="hidden"))  # fmt: skip
+    layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
+                         context_parallel_group=context_parallel_group, name="hidden")  # fmt: skip
     source = hidden_source(hidden, weight, bias, options, shift=shift, reference=reference)
     return _pipeline.preference(source, labels, layout, ref_chosen_logps, ref_rejected_logps, cfg,
                                 ignore_index=ignore_index, has_inline_reference=reference is not None, pairs=pairs,

@@ -79,3 +79,41 @@ def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.nonzero(flat == 0).squeeze(1)
     end = torch.tensor([flat.numel()], device=flat.device)
     return torch.cat([starts, end])
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce SUM of per-sequence partial sums. The backward passes the gradient through unchanged: every rank
+    back-propagates the same (replicated) loss, so reducing the gradients too would scale them by the group size."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class ContextParallelLayout(SequenceLayout):
+    """Padded rows split along T across a context-parallel group: each rank holds a contiguous slice of every
+    sequence's positions (labels already aligned, ``shift=False``). Per-sequence sums are this rank's partial sums
+    all-reduced inside the autograd graph (``[S]`` floats per reduction); each rank's gradient is its slice of the
+    unsharded gradient."""
+
+    def __init__(self, labels: torch.Tensor, *, group):
+        super().__init__(labels, shift=False)
+        self.group = group
+
+    def sums(self, per_token: torch.Tensor) -> torch.Tensor:
+        return _SumAcrossRanks.apply(super().sums(per_token), self.group)
+
+    def label_counts(self, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        return _SumAcrossRanks.apply(super().label_counts(labels, ignore_index), self.group)
+
+    def rank(self, scored: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("ld_alpha with context parallelism is not supported yet (a token's rank in its "
+                                  "sequence needs the scored counts of the ranks before it)")  # fmt: skip
