@@ -76,6 +76,7 @@ def _worker(rank, world, store, tp):
             # the head is replicated: each rank holds its positions' share of dW; their sum is the full gradient
             dist.all_reduce(w.grad, group=cp_group)
             _close(w.grad, wf.grad, "fused dW (summed over ranks)", atol=1e-6)
+        dist.barrier()  # no rank tears its groups down while another still talks
     finally:
         dist.destroy_process_group()
 

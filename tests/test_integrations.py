@@ -140,6 +140,7 @@ def _ddp_worker(rank: int, world: int, store: str, result: str):
     ddp(*refs, **batch).loss.backward()
     if rank == 0:
         torch.save(_param_grads(model), result)
+    dist.barrier()  # no rank tears its group down while another still talks
     dist.destroy_process_group()
 
 

@@ -51,14 +51,18 @@ def _worker(rank, world, store, bounds, backend, use_dtensor):
         kw = {} if use_dtensor else dict(vocab_parallel_group=dist.group.WORLD,
                                          vocab_start_index=None if len(sizes) == 1 else lo)  # fmt: skip
 
+        mesh = None
+        if use_dtensor:  # one mesh per process: each init_device_mesh would create more process groups
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world,))
+
         def shard(x):
             x = x[..., lo:hi].clone().requires_grad_()
             if not use_dtensor:
                 return x, x
-            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import DTensor, Shard
 
-            mesh = init_device_mesh("cpu", (world,))
             d = DTensor.from_local(x, mesh, [Shard(2)], run_check=False, shape=(*x.shape[:2], V),
                                    stride=(T * V, V, 1))  # fmt: skip
             return x, d
@@ -97,6 +101,7 @@ def _worker(rank, world, store, bounds, backend, use_dtensor):
         # sequence sums with precomputed references
         seq = fastdpo.sequence_logps(shard(logits)[1], labels, **kw)
         _close(seq, reference.sequence_logps(logits.double(), labels), "sequence_logps")
+        dist.barrier()  # no rank tears its groups down while another still talks (gloo aborted at exit)
     finally:
         dist.destroy_process_group()
 
