@@ -156,8 +156,9 @@ def _trainer_class():
                         warnings.filterwarnings("ignore", message=".*padding_free=True.*")
                     super().__init__(*args, **kwargs)
                 if self.fastdpo_packed and self.ref_model is None and not self.precompute_ref_logps:
-                    raise ValueError("padding_free=True with fastdpo needs a ref_model or precompute_ref_log_probs=True "
-                                     "(an adapter-disabled PEFT reference is not supported packed)")  # fmt: skip
+                    raise ValueError("padding_free=True with fastdpo needs a ref_model or "
+                                     "precompute_ref_log_probs=True (an adapter-disabled PEFT reference is not "
+                                     "supported packed)")  # fmt: skip
                 if self.fastdpo_packed and self._is_vision_dataset:
                     raise ValueError("padding_free=True with fastdpo does not support vision datasets")
 

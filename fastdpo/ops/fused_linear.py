@@ -8,9 +8,9 @@ logits are never materialised.
 and a registered autograd formula: one opaque node under ``torch.compile(fullgraph=True)``.
 
 Rows whose target is ``ignore_index`` are neither projected nor read: the M scored rows are gathered
-``tile_rows`` at a time (``tile_rows = tile_elements // V``, a multiple of 16), and each tile goes through the logits kernels of
-``fastdpo.kernels.logps`` (or the chunked PyTorch path), which apply the logit transform f (logit scale,
-softcapping, temperature) on the fly:
+``tile_rows`` at a time (``tile_rows = tile_elements // V``, a multiple of 16), and each tile goes through the
+logits kernels of ``fastdpo.kernels.logps`` (or the chunked PyTorch path), which apply the logit transform f
+(logit scale, softcapping, temperature) on the fly:
 
     forward   x = h_tile @ W.T (+ b), kept in float32 (the matmul's accumulator: rounding x to bf16 before the
               log-sum-exp costs ~0.4 nats on a 256-token sequence), then one sweep: lse pair, label logit,
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastdpo._logps_outputs import STATS, LogpsForward
-from fastdpo.ops.logps import impl_for, stats_mask, stats_of
+from fastdpo.ops.logps import impl_for, kernel_kw, stats_mask, stats_of
 
 TILE_ROW_MULTIPLE = 16  # tensor-core friendly GEMM heights
 # Logits per tile. CUDA: 2^26 (256 MB float32 + 128 MB bf16 gradient tile): at V = 128256 that is 512 rows, a
@@ -131,11 +131,6 @@ def _tiles(M: int, rows_per_tile: int):
         yield slice(start, min(start + rows_per_tile, M))
 
 
-def _kernel_kw(ignore_index, temperature, logit_scale, softcap) -> dict:
-    return dict(shift=False, ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
-                softcap=softcap)  # fmt: skip
-
-
 @torch.library.custom_op("fastdpo::fused_linear_logps", mutates_args=())
 def _fused_linear_logps_op(
     hidden: Tensor,
@@ -166,7 +161,7 @@ def _fused_linear_logps_op(
             x = proj.logits(hidden.index_select(0, idx).to(proj.dtype))
             out: LogpsForward = impl_for(x).logps_fwd(
                 x.unsqueeze(1), targets.index_select(0, idx).unsqueeze(1), stats=names,
-                **_kernel_kw(ignore_index, temperature, logit_scale, softcap),
+                **kernel_kw(False, ignore_index, temperature, logit_scale, softcap),
             )  # fmt: skip
             logp.index_copy_(0, idx, out.logp.squeeze(1))
             lse.index_copy_(1, idx, out.lse.squeeze(2))
@@ -229,7 +224,7 @@ def _fused_linear_logps_backward_op(
                 entropy=None if grad_entropy is None else entropy.index_select(0, idx).unsqueeze(1),
                 grad_entropy=None if grad_entropy is None else grad_entropy.index_select(0, idx).float().unsqueeze(1),
                 out=dx.unsqueeze(1),
-                **_kernel_kw(ignore_index, temperature, logit_scale, softcap),
+                **kernel_kw(False, ignore_index, temperature, logit_scale, softcap),
             )  # fmt: skip
             del x
             if need_h:

@@ -83,7 +83,8 @@ def impl_for(logits: torch.Tensor):
     return triton_logps if select_backend(logits) == "triton" else chunked
 
 
-def _kernel_kw(shift, ignore_index, temperature, logit_scale, softcap) -> dict:
+def kernel_kw(shift, ignore_index, temperature, logit_scale, softcap) -> dict:
+    """The keywords every launcher (Triton or chunked) takes besides tensors, stats and buffers."""
     return dict(shift=shift, ignore_index=ignore_index, temperature=temperature, logit_scale=logit_scale,
                 softcap=softcap)  # fmt: skip
 
@@ -117,7 +118,7 @@ def _token_logps_op(
     """(logp, lse, entropy, stats, ref_logp, ref_stats); what was not requested is an empty tensor.
     ``stats``: ``stats_mask`` of the statistics; ``inplace_backward`` is read by the backward only."""
     names = stats_of(stats)
-    out = _forward(logits, labels, ref_logits, _kernel_kw(shift, ignore_index, temperature, logit_scale, softcap),
+    out = _forward(logits, labels, ref_logits, kernel_kw(shift, ignore_index, temperature, logit_scale, softcap),
                    names)  # fmt: skip
     dtype = out.logp.dtype
     # The entropy carries a gradient: its own allocation, not a view of the statistics buffer.
@@ -160,7 +161,7 @@ def _token_logps_backward_op(
     """dlogits ``[N, T, V]`` in the logits' dtype, a new buffer."""
     return impl_for(logits).logps_bwd(
         logits, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
-        **_kernel_kw(shift, ignore_index, temperature, logit_scale, softcap),
+        **kernel_kw(shift, ignore_index, temperature, logit_scale, softcap),
     )  # fmt: skip
 
 
@@ -173,7 +174,7 @@ def _setup_context(ctx, inputs, output):
     logits, labels, _ref, shift, ignore_index, temperature, logit_scale, softcap, stats, inplace = inputs
     logp, lse, entropy, stats_out, ref_logp, ref_stats = output
     ctx.save_for_backward(logits, labels, lse, entropy if stats & 1 else None)
-    ctx.kw = _kernel_kw(shift, ignore_index, temperature, logit_scale, softcap)
+    ctx.kw = kernel_kw(shift, ignore_index, temperature, logit_scale, softcap)
     ctx.inplace = inplace
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(lse, stats_out, ref_logp, ref_stats)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from fastdpo._logps_outputs import STATS
-from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for
+from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw
 
 
 def local_labels(labels: torch.Tensor, start: int, V_local: int, ignore_index: int) -> torch.Tensor:
@@ -50,8 +50,7 @@ class VocabParallelLogps(torch.autograd.Function):
         o = options
         V_local = logits.shape[-1]
         local = local_labels(labels, start, V_local, o.ignore_index)
-        kw = dict(shift=o.shift, ignore_index=o.ignore_index, temperature=o.temperature, logit_scale=o.logit_scale,
-                  softcap=o.softcap)  # fmt: skip
+        kw = kernel_kw(o.shift, o.ignore_index, o.temperature, o.logit_scale, o.softcap)
         impl = impl_for(logits)
         out = impl.logps_fwd(logits, local, stats=o.stats, **kw)
         row_labels = labels[:, int(o.shift) :]
@@ -88,7 +87,8 @@ class VocabParallelLogps(torch.autograd.Function):
             entropy = torch.where(scored, log_l - total["entropy"] / l, 0.0)
             stats_out[STATS.index("entropy")] = entropy
         if "log_sum_sq_probs" in stat:
-            stats_out[STATS.index("log_sum_sq_probs")] = torch.where(scored, torch.log(total["sum_sq"]) - 2 * log_l, 0.0)
+            log_sum_sq = torch.log(total["sum_sq"]) - 2 * log_l
+            stats_out[STATS.index("log_sum_sq_probs")] = torch.where(scored, log_sum_sq, 0.0)
         if "mean_logits" in stat:
             stats_out[STATS.index("mean_logits")] = torch.where(scored, total["mean_logits"], 0.0)
         if "is_top1" in stat:
