@@ -36,6 +36,15 @@ def _chunks(N: int, T: int, V: int) -> Iterator[tuple[slice, slice]]:
             yield slice(n0, n0 + n_step), slice(t0, t0 + t_step)
 
 
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(-1)`` in an order that does not depend on how many rows ``x`` has. PyTorch's CPU reduction of a single
+    output longer than its grain size (32768) splits the row across threads, so a lone row would sum in another
+    order than the same row in a chunk of many; a broadcast second row keeps it on the per-row path."""
+    if x[..., 0].numel() == 1:
+        return x.reshape(1, -1).expand(2, -1).sum(-1)[:1].reshape(x.shape[:-1])
+    return x.sum(-1)
+
+
 def _row_labels(labels: torch.Tensor, shift: bool, T: int, ignore_index: int) -> torch.Tensor:
     """Label of every logits row ``[N, T]``; with shift, row t gets labels[:, t + 1] and the last row is unscored."""
     if not shift:
@@ -85,16 +94,17 @@ def _fwd_one(logits, row_labels, V, *, ignore_index, transform: _Transform, stat
         picked = torch.where(in_vocab, picked, torch.nan)  # out-of-vocabulary label: nan, never a wrong value
         values = {}
         if "mean_logits" in stats:
-            values["mean_logits"] = z.mean(-1)
+            values["mean_logits"] = _row_sums(z) / V
         if "is_top1" in stats:
             values["is_top1"] = (z.argmax(-1) == y).to(rows["dtype"])
         shifted = z.sub_(row_max.unsqueeze(-1))
         e = shifted.exp() if "entropy" in stats else shifted.exp_()  # in place unless z - m is still needed
-        log_norm = e.sum(-1).log()  # torch.sum sums in cascade: as precise as the kernels' block sums
+        norm = _row_sums(e)  # torch.sum sums in cascade: as precise as the kernels' block sums
+        log_norm = norm.log()
         if "entropy" in stats:  # H = log l - sum e (z - m) / l; 0 log 0 = 0 on masked vocab
-            values["entropy"] = log_norm - torch.where(e > 0, e * shifted, 0.0).sum(-1) / e.sum(-1)
+            values["entropy"] = log_norm - _row_sums(torch.where(e > 0, e * shifted, 0.0)) / norm
         if "log_sum_sq_probs" in stats:
-            values["log_sum_sq_probs"] = e.square_().sum(-1).log() - 2 * log_norm
+            values["log_sum_sq_probs"] = _row_sums(e.square_()).log() - 2 * log_norm
         logp[ns, ts] = torch.where(scored, (picked - row_max) - log_norm, 0.0)
         lse[0, ns, ts] = torch.where(scored, row_max, 0.0)
         lse[1, ns, ts] = torch.where(scored, log_norm, 0.0)

@@ -6,13 +6,45 @@ to back, delimited by ``cu_seq_lens`` ``[S + 1]`` (0, end of sequence 0, ..., to
 In a packed row the shifted logits at a sequence's last position would score the next sequence's first token;
 that label is masked, so every sequence is scored exactly as in its own padded row.
 
-Per-token rows are ``[N, T - shift]``: row t scores label t + shift. Segment sums run on a float64 running sum
-(difference of two prefix sums): deterministic, no atomics, exact to float32 after the final cast.
+Per-token rows are ``[N, T - shift]``: row t scores label t + shift.
+
+Sums are batch invariant: a sequence's sum is the same bits alone, in any batch, at any row, with any right
+padding, padded or packed. Each sequence is summed by a balanced binary tree of float64 adds over its own rows,
+counted from its first row (``pairwise_sums``); elementwise adds have one defined result on every device, unlike
+``torch.sum``, whose order follows the shape (CPU threads split a long single output; CUDA picks a block layout
+from the number of outputs). Packed rows are cut into blocks of ``SUM_BLOCK`` rows aligned at each sequence's
+start, so the tree is the one its padded row gets.
 """
 
 from __future__ import annotations
 
 import torch
+
+SUM_BLOCK = 256  # rows per first-level block of a packed sum (a power of two)
+
+
+class _PairwiseSums(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        acc = x.to(torch.float64)
+        width = 1 << max(acc.shape[-1] - 1, 0).bit_length()
+        acc = torch.nn.functional.pad(acc, (0, width - acc.shape[-1]))
+        while acc.shape[-1] > 1:
+            acc = acc[..., 0::2] + acc[..., 1::2]
+        return acc[..., 0].to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.unsqueeze(-1).expand(ctx.shape)
+
+
+def pairwise_sums(x: torch.Tensor) -> torch.Tensor:
+    """``[R, L]`` -> ``[R]``, each row summed by a balanced binary tree of float64 adds over positions
+    ``0 .. 2^k - 1`` (zeros past L), cast back to ``x.dtype``. Batch invariant: a row's bits depend on its own
+    values only, not on R. Right-padding a row with zeros changes nothing either: the larger tree's left half is the
+    smaller tree, and its right half adds +0 at the root. Differentiable (the gradient is broadcast)."""
+    return _PairwiseSums.apply(x)
 
 
 class SequenceLayout:
@@ -31,9 +63,32 @@ class SequenceLayout:
         self.starts, self.ends = cu[:-1], cu[1:]  # label positions [start, end) of each sequence
         # rows scoring sequence i: label positions start..end-1, i.e. rows start - shift .. end - 1 - shift
         self.row_start = (self.starts - self.shift).clamp(0, self.T_rows)
-        self.row_end = (self.ends - self.shift).clamp(0, self.T_rows)
-        rows = torch.arange(self.T_rows, device=labels.device) + self.shift
-        self.row_sequence = torch.searchsorted(self.ends, rows, right=True)  # sequence of each row's label
+        rows = torch.arange(self.T_rows, device=labels.device)
+        self.row_sequence = torch.searchsorted(self.ends, rows + self.shift, right=True)  # sequence of each row's label
+        self._block_sums_index(rows, cu)
+
+    def _block_sums_index(self, rows: torch.Tensor, cu: torch.Tensor) -> None:
+        """Where each row goes in the two-level packed sums. Row p of sequence i, q = p - start_i rows after the
+        sequence's first scored row, lands in block ``block_start_i + q // SUM_BLOCK``, column ``q % SUM_BLOCK``
+        (with shift, row start_i - 1 reads the masked first label: it goes to a dropped block); block k of sequence
+        i is column k of its row in the second level. Sizes are static (no host sync): sum_i ceil(len_i / B) <=
+        T // B + S blocks, at most T // B + 1 per sequence."""
+        S, B, T = self.num_sequences, SUM_BLOCK, self.T_rows + self.shift
+        blocks = (cu[1:] - cu[:-1] + B - 1) // B
+        block_end = blocks.cumsum(0)
+        block_start = block_end - blocks
+        self.num_blocks = T // B + S + 1  # the last one collects the dropped rows
+        self.blocks_per_sequence = T // B + 1
+        sequence = self.row_sequence.clamp(max=S - 1)
+        q = rows - self.starts[sequence]
+        keep = (q >= 0) & (self.row_sequence < S)
+        self.token_block = torch.where(keep, block_start[sequence] + q // B, self.num_blocks - 1)
+        self.token_column = torch.where(keep, q % B, 0)
+        b = torch.arange(self.num_blocks, device=cu.device)
+        self.block_sequence = torch.searchsorted(block_end, b, right=True)  # S for unused blocks: a dropped row
+        self.block_column = torch.where(
+            self.block_sequence < S, b - block_start[self.block_sequence.clamp(max=S - 1)], 0
+        )
 
     def mask_labels(self, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         """Labels with each packed sequence's first token unscored (shifted, it would read the previous one)."""
@@ -44,9 +99,12 @@ class SequenceLayout:
     def sums(self, per_token: torch.Tensor) -> torch.Tensor:
         """``[N, T - shift]`` -> ``[S]`` sums per sequence (differentiable)."""
         if not self.packed:
-            return per_token.sum(1)
-        prefix = torch.nn.functional.pad(per_token[0].double().cumsum(0), (1, 0))
-        return (prefix[self.row_end] - prefix[self.row_start]).to(per_token.dtype)
+            return pairwise_sums(per_token)
+        values = per_token[0].double()  # float64 throughout: the block sums are not rounded between the levels
+        first = values.new_zeros(self.num_blocks, SUM_BLOCK).index_put((self.token_block, self.token_column), values)
+        second = values.new_zeros(self.num_sequences + 1, self.blocks_per_sequence)
+        second = second.index_put((self.block_sequence, self.block_column), pairwise_sums(first))
+        return pairwise_sums(second[: self.num_sequences]).to(per_token.dtype)
 
     def broadcast(self, per_sequence: torch.Tensor) -> torch.Tensor:
         """``[S]`` -> ``[N, T - shift]``: each row gets its sequence's value."""

@@ -129,7 +129,7 @@ def test_long_pair_split_across_tiles_projects_only_scored_rows(backend, device,
     monkeypatch.setattr(fused_op._Projection, "logits", spy)
     out, grads = _run(fastdpo.fused_linear_sequence_logps, (hidden, weight, None), labels, tile_elements=budget)
     n_scored = int((labels[:, 1:] != -100).sum())
-    assert max(heights[: len(heights) // 2]) <= fused_op.tile_rows(V, hidden.device, budget) == 16
+    assert max(heights[: len(heights) // 2]) <= fused_op.tile_rows(V, hidden.device, budget)[0] == 16
     assert sum(heights) == 2 * n_scored  # forward + backward recompute, scored rows only
     truth, truth_grads = _run(reference.fused_linear_sequence_logps, (hidden.double(), weight.double(), None), labels)
     assert torch.allclose(out.double(), truth, rtol=1e-6, atol=1e-4)

@@ -11,15 +11,18 @@ from dataclasses import dataclass
 
 import triton
 
-# One loop iteration loads BLOCK_V logits per program. 4096 fp32 values over 8 warps is 16 live values per
-# thread: enough independent loads in flight to stream HBM, few enough registers that nothing spills
+# One loop iteration loads BLOCK_V logits per program. Backward: 4096 fp32 values over 8 warps is 16 live values
+# per thread, enough independent loads in flight to stream HBM, few enough registers that nothing spills
 # (see `python -m fastdpo.kernels.compile_check`). Larger rows simply take more iterations.
-MAX_BLOCK_V = 4096
+MAX_BLOCK_V_BWD = 4096
+# Forward: one block size with or without the optional statistics (entropy, log sum p^2, mean, top-1), because
+# BLOCK_V and num_warps fix the order of the block sums and so the bits of the log-sum-exp: a reference scored
+# by ``sequence_logps`` (no statistics) must equal the policy scored by ``dpo_loss(return_metrics=True)`` bit for
+# bit. With the statistics each value carries four more running terms; at 4096 that spilled 8 bytes on sm_80,
+# at 2048 it does not.
+MAX_BLOCK_V_FWD = 2048
 # Below this block size 4 warps already cover the block with >= 8 values per thread.
 WIDE_BLOCK_V = 2048
-# With the optional statistics (entropy, log sum p^2, mean, top-1) each value carries four more running terms:
-# at 4096 the forward spilled 8 bytes on sm_80 (compile_check), at 2048 it does not.
-MAX_BLOCK_V_WITH_STATS = 2048
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,14 @@ class LogpsConfig:
     num_warps: int
 
 
-def logps_config(V: int, block_v: int | None = None, *, with_stats: bool = False) -> LogpsConfig:
-    """Pick ``BLOCK_V`` and ``num_warps`` for rows of ``V`` logits (``with_stats``: a forward that also
-    computes per-token statistics).
+def logps_config(V: int, block_v: int | None = None, *, backward: bool = False) -> LogpsConfig:
+    """Pick ``BLOCK_V`` and ``num_warps`` for rows of ``V`` logits. A function of V alone, never of the number of
+    rows: that is what makes a row's log-prob the same bits in any batch.
 
     ``block_v`` overrides the block size (a power of two); tests use it to force several blocks per row.
     """
     if block_v is None:
-        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V_WITH_STATS if with_stats else MAX_BLOCK_V)
+        block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V_BWD if backward else MAX_BLOCK_V_FWD)
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     num_warps = 8 if block_v >= WIDE_BLOCK_V else 4

@@ -321,7 +321,7 @@ def logps_fwd(
     )
     if N * T_rows == 0:
         return out
-    cfg = logps_config(V, block_v, with_stats=bool(stats))
+    cfg = logps_config(V, block_v)
     ref = ref_logits if has_ref else logits  # unused pointers get a valid tensor of the right type
     stats_buf = out.stats if stats else out.logp
     with _device_guard(logits):
@@ -374,7 +374,7 @@ def logps_bwd(
     grad = out
     if N * T == 0:
         return grad
-    cfg = logps_config(V, block_v)
+    cfg = logps_config(V, block_v, backward=True)
     has_logp_grad, has_entropy_grad = grad_logp is not None, grad_entropy is not None
     if has_entropy_grad and entropy is None:
         raise ValueError("grad_entropy needs the forward's [N, T - shift] entropy")

@@ -8,7 +8,7 @@ logits are never materialised.
 and a registered autograd formula: one opaque node under ``torch.compile(fullgraph=True)``.
 
 Rows whose target is ``ignore_index`` are neither projected nor read: the M scored rows are gathered
-``tile_rows`` at a time (``tile_rows = tile_elements // V``, a multiple of 16), and each tile goes through the
+``tile_rows`` at a time (``tile_elements // V``, a multiple of the GEMM height), and each tile goes through the
 logits kernels of ``fastdpo.kernels.logps`` (or the chunked PyTorch path), which apply the logit transform f
 (logit scale, softcapping, temperature) on the fly:
 
@@ -37,6 +37,12 @@ from fastdpo._logps_outputs import STATS, LogpsForward
 from fastdpo.ops.logps import impl_for, kernel_kw, stats_mask, stats_of
 
 TILE_ROW_MULTIPLE = 16  # tensor-core friendly GEMM heights
+# The forward GEMM always runs on blocks of exactly this many rows (the last one zero-padded): a GEMM library picks
+# its algorithm, and with it the order of the sums over D, from the shape, so a row scored among 37 others would
+# not get the bits it gets among 500 (measured on CPU). CUDA: 256 rows is 256 FLOP per byte of W, about H100's
+# bf16 ridge (989 TFLOP/s / 3.35 TB/s); CPU: 64 rows keep the float32 block at 64 V.
+CUDA_GEMM_ROWS = 256
+CPU_GEMM_ROWS = 64
 # Logits per tile. CUDA: 2^26 (256 MB float32 + 128 MB bf16 gradient tile): at V = 128256 that is 512 rows, a
 # GEMM of 512 x D x V (0.5 TFLOP at D = 4096) per tile, long enough to hide the launches between tiles.
 # CPU: 2^22, the chunked path's working set.
@@ -54,12 +60,17 @@ class FusedLinearOptions:
     tile_elements: Optional[int] = None  # None: CUDA_TILE_ELEMENTS on CUDA, CPU_TILE_ELEMENTS elsewhere
 
 
-def tile_rows(V: int, device: torch.device, tile_elements: Optional[int]) -> int:
-    """Scored rows per tile: ``tile_elements // V`` rounded down to a multiple of 16, at least 16."""
+def tile_rows(V: int, device: torch.device, tile_elements: Optional[int]) -> tuple[int, int]:
+    """(scored rows per tile, rows per forward GEMM). The GEMM height is the device's (``CUDA_GEMM_ROWS``), or the
+    tile's when a tile is smaller; the tile is ``tile_elements // V`` rows rounded down to a multiple of the GEMM
+    height, at least one GEMM. Both depend on V and the device, never on the number of scored rows."""
+    cuda = device.type == "cuda"
     if tile_elements is None:
-        tile_elements = CUDA_TILE_ELEMENTS if device.type == "cuda" else CPU_TILE_ELEMENTS
+        tile_elements = CUDA_TILE_ELEMENTS if cuda else CPU_TILE_ELEMENTS
     rows = tile_elements // max(V, 1)
-    return max(TILE_ROW_MULTIPLE, rows - rows % TILE_ROW_MULTIPLE)
+    rows = max(TILE_ROW_MULTIPLE, rows - rows % TILE_ROW_MULTIPLE)
+    gemm = min(rows, CUDA_GEMM_ROWS if cuda else CPU_GEMM_ROWS)
+    return rows - rows % gemm, gemm
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -77,8 +88,9 @@ def _has_fp32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
 class _Projection:
     """The LM head in the matmul dtype, and its float32 products without rounding to that dtype."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype, gemm_rows: int):
         self.dtype = dtype
+        self.gemm_rows = gemm_rows
         self.weight = weight.to(dtype)  # no copy unless autocast or mixed dtypes ask for one
         self.bias = None if bias is None else bias.float()
         self.fp32_out = _has_fp32_out_mm(weight.device, dtype)
@@ -97,8 +109,21 @@ class _Projection:
         return dx.t().float() @ h.float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """x = h @ W.T (+ b), ``[rows, V]`` float32."""
-        x = torch.mm(h, self.weight.t(), out_dtype=torch.float32) if self.fp32_out else h.float() @ self.weight32.t()
+        """x = h @ W.T (+ b), ``[rows, V]`` float32, by GEMMs of exactly ``gemm_rows`` rows (the last block
+        zero-padded), so that each row's bits depend on that row alone."""
+        n, G = h.shape[0], self.gemm_rows
+        padded = -(-n // G) * G
+        h = torch.nn.functional.pad(h, (0, 0, 0, padded - n)) if padded != n else h
+        if not self.fp32_out:
+            h = h.float()
+        x = torch.empty(padded, self.weight.shape[0], dtype=torch.float32, device=h.device)
+        for start in range(0, padded, G):
+            block = slice(start, start + G)
+            if self.fp32_out:
+                torch.mm(h[block], self.weight.t(), out_dtype=torch.float32, out=x[block])
+            else:
+                torch.mm(h[block], self.weight32.t(), out=x[block])
+        x = x[:n]
         return x if self.bias is None else x.add_(self.bias)
 
     def addmm32_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -152,10 +177,10 @@ def _fused_linear_logps_op(
     logp, lse = torch.zeros(R, **rows), torch.zeros(2, R, **rows)
     stats_out = torch.zeros(len(STATS), R, **rows) if names else torch.empty(0, **rows)
     scored = _scored_rows(targets, ignore_index)
-    per_tile = tile_rows(V, hidden.device, tile_elements)
+    per_tile, gemm_rows = tile_rows(V, hidden.device, tile_elements)
     # Autocast off inside: it would recast the float32-output GEMMs and round the tiles to bf16.
     with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-        proj = _Projection(weight, bias, matmul_dtype)
+        proj = _Projection(weight, bias, matmul_dtype, gemm_rows)
         for tile in _tiles(scored.numel(), per_tile):
             idx = scored[tile]
             x = proj.logits(hidden.index_select(0, idx).to(proj.dtype))
@@ -201,10 +226,10 @@ def _fused_linear_logps_backward_op(
     need_h, need_w, need_b = needs_grad
     V = weight.shape[0]
     scored = _scored_rows(targets, ignore_index)
-    per_tile = tile_rows(V, hidden.device, tile_elements)
+    per_tile, gemm_rows = tile_rows(V, hidden.device, tile_elements)
     n_tiles = -(-scored.numel() // per_tile)
     with gathered_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-        proj = _Projection(weight, bias, matmul_dtype)
+        proj = _Projection(weight, bias, matmul_dtype, gemm_rows)
         grad_h = torch.zeros_like(hidden) if need_h else None
         # One tile: dW is a single GEMM (float32 accumulation inside it). Several: sum them in float32.
         grad_w32 = None
