@@ -79,7 +79,7 @@ def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_inde
         if start is not None:
             raise ValueError("vocab_start_index needs vocab_parallel_group")
         return logits, ref_logits, None
-    start, V_total = vocab_parallel_op.shard_layout(logits, group, start)
+    start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start)
     _validation.check_label_values(labels, V_total, ignore_index, first_scored=int(shift))
     return logits, ref_logits, (group, start, V_total)
 

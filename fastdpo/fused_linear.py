@@ -10,7 +10,9 @@ Gradients flow to ``hidden``, ``weight`` and ``bias``; dW is accumulated in floa
 
 Sharded LM heads are gathered for the call, as TRL does: a DTensor weight (FSDP2) through ``full_tensor()``
 (differentiable: its backward hands each rank its shard of the gradient), a DeepSpeed ZeRO-3 partitioned
-parameter inside ``deepspeed.zero.GatheredParameters`` in the forward and again in the backward.
+parameter inside ``deepspeed.zero.GatheredParameters`` in the forward and again in the backward. A head sharded
+over the vocabulary for tensor parallelism (``vocab_parallel_group``) is not gathered: each rank scores its rows
+(``fastdpo.ops.vocab_parallel``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
 
 from fastdpo import _pipeline, _validation
 from fastdpo._logps_outputs import TokenLogps, check_outputs
 from fastdpo.functional import make_layout, token_outputs
 from fastdpo.losses import DPOOutput, LossConfig
 from fastdpo.ops.fused_linear import FusedLinearOptions, fused_linear_logps
+from fastdpo.ops import vocab_parallel as vocab_parallel_op
 from fastdpo.ops.logps import TokenOutputs
 
 try:
@@ -42,6 +46,11 @@ def _full(param: torch.Tensor | None) -> torch.Tensor | None:
     return param
 
 
+def _local(param: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's shard of a DTensor; anything else as is."""
+    return param.to_local() if DTensor is not None and isinstance(param, DTensor) else param
+
+
 def _check_head(name: str, hidden: torch.Tensor, weight, bias) -> None:
     prefix = "ref_" if name.startswith("ref_") else ""
     D = hidden.shape[-1]
@@ -57,8 +66,10 @@ def _check_head(name: str, hidden: torch.Tensor, weight, bias) -> None:
                          f"got {getattr(bias, 'shape', type(bias).__name__)}")  # fmt: skip
 
 
-def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignore_index: int) -> None:
-    """Shapes, dtypes and devices of a fused-linear call; label values as ``fastdpo.dpo_loss`` checks them."""
+def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignore_index: int,
+                  vocab_parallel=None) -> None:  # fmt: skip
+    """Shapes, dtypes and devices of a fused-linear call; label values as ``fastdpo.dpo_loss`` checks them (against
+    the global vocab size when the head is a vocab shard)."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"hidden and labels must be tensors, got {type(hidden).__name__} and {type(labels).__name__}")
     shape = "(N, T, D)" if ndim == 3 else "(N, D)"
@@ -75,7 +86,29 @@ def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignor
     if ndim == 3 and hidden.shape[1] < 1 + int(shift):
         raise ValueError(f"hidden needs T >= {1 + int(shift)} positions with shift={shift}, got {tuple(hidden.shape)}")
     rows = labels if ndim == 3 else labels.unsqueeze(0)
-    _validation.check_label_values(rows, weight.shape[0], ignore_index, first_scored=int(shift) if ndim == 3 else 0)
+    V = weight.shape[0] if vocab_parallel is None else vocab_parallel[2]
+    _validation.check_label_values(rows, V, ignore_index, first_scored=int(shift) if ndim == 3 else 0)
+
+
+def _lm_head(weight, bias, group, start):
+    """(weight, bias, vocab_parallel) of a call. Without ``group`` a DTensor head is gathered: under FSDP2 each rank
+    holds a slice of the parameter but scores its own batch. With ``group`` the weight is this rank's rows of the head
+    and the hidden states are replicated over the group: a plain ``[V_s, D]`` tensor (first row ``start``, default
+    rank * V_s), or a ``Shard(0)`` DTensor on a 1-D mesh (pass the mesh, or its group, as ``group``).
+    ``vocab_parallel`` is ``(group, start, V)``, or None."""
+    if group is None or not isinstance(weight, torch.Tensor):
+        if start is not None:
+            raise ValueError("vocab_start_index needs vocab_parallel_group")
+        return _full(weight), _full(bias), None
+    if DTensor is not None and isinstance(weight, DTensor):
+        if start is not None:
+            raise ValueError("a DTensor weight carries its own offsets: do not pass vocab_start_index with it")
+        weight, group, start = vocab_parallel_op.head_from_dtensor(weight, group)
+        bias = bias.to_local() if DTensor is not None and isinstance(bias, DTensor) else bias
+    elif not isinstance(group, dist.ProcessGroup):  # a 1-D DeviceMesh
+        group = group.get_group()
+    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start)
+    return weight, bias, (group, start, V_total)
 
 
 def _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements, stats=()):
@@ -93,14 +126,22 @@ def _options(ignore_index, temperature, logit_scale, final_logit_softcapping, ti
     )  # fmt: skip
 
 
-def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: bool, reference=None):
-    """A ``_pipeline.TokenSource`` projecting ``hidden [N, T, D]`` through the head; ``reference``:
-    ``(ref_hidden, ref_weight, ref_bias)`` scored forward-only in the same call."""
+def _project(hidden, weight, bias, targets, options: FusedLinearOptions, vocab_parallel):
+    """The fused-linear op on rows ``hidden [R, D]``, over the whole head or (``vocab_parallel``) this rank's shard."""
+    if vocab_parallel is None:
+        return fused_linear_logps(hidden, weight, bias, targets, options)
+    return vocab_parallel_op.fused_linear_logps(hidden, weight, bias, targets, options, *vocab_parallel)
+
+
+def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: bool, reference=None,
+                  vocab_parallel=None):  # fmt: skip
+    """A ``_pipeline.TokenSource`` projecting ``hidden [N, T, D]`` through the head (or this rank's vocab shard of it);
+    ``reference``: ``(ref_hidden, ref_weight, ref_bias)`` scored forward-only in the same call."""
     N, T, D = hidden.shape
 
     def per_token(h, w, b, targets, stats):
         call_options = dataclasses.replace(options, stats=stats)
-        logp, entropy, stat = fused_linear_logps(h.reshape(N * T, D), w, b, targets, call_options)
+        logp, entropy, stat = _project(h.reshape(N * T, D), w, b, targets, call_options, vocab_parallel)
         rows = slice(0, T - int(shift))
         return (logp.view(N, T)[:, rows], None if entropy is None else entropy.view(N, T)[:, rows],
                 None if stat is None else stat.view(-1, N, T)[:, :, rows])  # fmt: skip
@@ -119,8 +160,9 @@ def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: b
     return run
 
 
-def _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias):
-    """(ref_hidden, ref_weight, ref_bias) checked, the head defaulting to the policy's (a frozen shared head)."""
+def _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias, vocab_parallel=None):
+    """(ref_hidden, ref_weight, ref_bias) checked, the head defaulting to the policy's (a frozen shared head). Under
+    vocab parallelism a separate reference head is sharded as the policy's: its local rows (a DTensor's ``to_local``)."""
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight/ref_bias need ref_hidden (the reference model's last hidden states)")
@@ -134,7 +176,8 @@ def _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias):
     if ref_weight is None:  # the policy's head, frozen for the reference (PEFT over a shared head)
         ref_weight = weight
         ref_bias = bias if ref_bias is None else ref_bias
-    ref_weight, ref_bias = _full(ref_weight), _full(ref_bias)
+    resolve = _full if vocab_parallel is None else _local
+    ref_weight, ref_bias = resolve(ref_weight), resolve(ref_bias)
     _check_head("ref_hidden", ref_hidden, ref_weight, ref_bias)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the policy head's vocab size {weight.shape[0]}, "
@@ -154,6 +197,8 @@ def fused_linear_token_logps(
     final_logit_softcapping: float | None = None,
     outputs: tuple[str, ...] = ("log_probs",),
     tile_elements: int | None = None,
+    vocab_parallel_group=None,
+    vocab_start_index: int | None = None,
 ) -> TokenLogps:
     """Per-token outputs of ``f(hidden @ weight.T + bias)`` at ``targets``, one sweep per tile of scored rows.
 
@@ -161,13 +206,17 @@ def fused_linear_token_logps(
     (False) where the target is ``ignore_index``; any of ``log_probs``, ``entropy``, ``mean_logits``,
     ``is_top1``, ``log_sum_sq_probs`` (what TRL's ``ChunkedLogProbFunction`` returns). ``log_probs`` and
     ``entropy`` carry gradients. ``tile_elements`` bounds the logits held at once (default: 2^26 on CUDA).
+
+    Vocab parallel: ``weight`` (and ``bias``) are this rank's rows of the head, ``hidden`` is replicated over
+    ``vocab_parallel_group``; see ``fused_linear_dpo_loss``.
     """
-    weight, bias = _full(weight), _full(bias)
-    _check_inputs(hidden, weight, bias, targets, ndim=2, shift=False, ignore_index=ignore_index)
+    weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index)
+    _check_inputs(hidden, weight, bias, targets, ndim=2, shift=False, ignore_index=ignore_index,
+                  vocab_parallel=vocab_parallel)  # fmt: skip
     check_outputs(outputs)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements,
                        _pipeline.ordered_stats(outputs))  # fmt: skip
-    logp, entropy, stats = fused_linear_logps(hidden, weight, bias, targets, options)
+    logp, entropy, stats = _project(hidden, weight, bias, targets, options, vocab_parallel)
     return token_outputs(TokenOutputs(logp, entropy, stats, None, None), outputs)
 
 
@@ -189,16 +238,19 @@ def fused_linear_sequence_logps(
     pairs: torch.Tensor | None = None,
     tile_elements: int | None = None,
     context_parallel_group=None,
+    vocab_parallel_group=None,
+    vocab_start_index: int | None = None,
 ) -> torch.Tensor:
     """``fastdpo.sequence_logps`` of ``f(hidden @ weight.T + bias)``: hidden ``[N, T, D]`` -> ``[S]`` float32.
 
     Under ``torch.no_grad()`` (a reference model) it is one forward pass over tiles of scored tokens."""
-    weight, bias = _full(weight), _full(bias)
-    _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index)
+    weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index)
+    _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
+                  vocab_parallel=vocab_parallel)  # fmt: skip
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
     layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group, name="hidden")  # fmt: skip
-    source = hidden_source(hidden, weight, bias, options, shift=shift)
+    source = hidden_source(hidden, weight, bias, options, shift=shift, vocab_parallel=vocab_parallel)
     return _pipeline.sequence_sums(source, labels, layout, ignore_index=ignore_index, average=average,
                                    ld_alpha=ld_alpha, pairs=pairs)  # fmt: skip
 
@@ -236,6 +288,8 @@ def fused_linear_dpo_loss(
     final_logit_softcapping: float | None = None,
     tile_elements: int | None = None,
     context_parallel_group=None,
+    vocab_parallel_group=None,
+    vocab_start_index: int | None = None,
 ) -> DPOOutput:
     """``fastdpo.dpo_loss`` of ``f(hidden @ weight.T + bias)`` without the logits; the same loss family,
     metrics, packing and pairing keywords.
@@ -244,6 +298,14 @@ def fused_linear_dpo_loss(
     model's last hidden states, scored forward-only in the same call through ``ref_weight``/``ref_bias``,
     default: the policy's head, as with a PEFT adapter over a frozen head), or ``reference_free=True``.
     ``dpo_loss``'s ``ref_logits`` and ``inplace_backward`` have no meaning here (there are no logits).
+
+    Vocab (tensor) parallel: ``weight`` ``[V_s, D]`` (and ``bias`` ``[V_s]``) are this rank's rows of the head,
+    first row ``vocab_start_index`` (default: equal shards in rank order), or a ``Shard(0)`` DTensor with
+    ``vocab_parallel_group`` its 1-D mesh; ``hidden`` and the global label ids are replicated over the group. Every
+    rank gets the unsharded loss; the gradients of ``weight``/``bias`` are this rank's slices of the full ones, and
+    the gradient of ``hidden`` is the full gradient on every rank (all-reduced inside, as Megatron's
+    ``ColumnParallelLinear`` and torch's ``ColwiseParallel`` do for their replicated input). Without
+    ``vocab_parallel_group`` a DTensor head is gathered instead (FSDP2). Combines with ``context_parallel_group``.
     """
     cfg = LossConfig(
         beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
@@ -251,13 +313,15 @@ def fused_linear_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
         discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
     )  # fmt: skip
-    weight, bias = _full(weight), _full(bias)
-    _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index)
-    reference = _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias)
+    weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index)
+    _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
+                  vocab_parallel=vocab_parallel)  # fmt: skip
+    reference = _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias, vocab_parallel)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
     layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group, name="hidden")  # fmt: skip
-    source = hidden_source(hidden, weight, bias, options, shift=shift, reference=reference)
+    source = hidden_source(hidden, weight, bias, options, shift=shift, reference=reference,
+                           vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.preference(source, labels, layout, ref_chosen_logps, ref_rejected_logps, cfg,
                                 ignore_index=ignore_index, has_inline_reference=reference is not None, pairs=pairs,
                                 return_metrics=return_metrics)  # fmt: skip

@@ -74,7 +74,7 @@ class FusedLinearDPOLoss(nn.Module):
     logit transform (``temperature``, ``logit_scale``, ``final_logit_softcapping``) and tile budget. Per-batch
     tensors (``bias``, ``ref_hidden``, ``ref_weight``, ``ref_bias``, ``cu_seq_lens``, ``position_ids``,
     ``pairs``) go to ``forward``. ``weight`` is passed per call (e.g. ``model.lm_head.weight``), so the module
-    holds no parameter and ties to nothing.
+    holds no parameter and ties to nothing; with ``vocab_parallel_group`` it is this rank's vocab shard.
     """
 
     def __init__(
@@ -89,6 +89,8 @@ class FusedLinearDPOLoss(nn.Module):
         logit_scale: float = 1.0,
         final_logit_softcapping: float | None = None,
         tile_elements: int | None = None,
+        vocab_parallel_group=None,
+        vocab_start_index: int | None = None,
         **loss_options,
     ):
         super().__init__()
@@ -96,6 +98,7 @@ class FusedLinearDPOLoss(nn.Module):
         self.call_options = dict(
             ignore_index=ignore_index, shift=shift, return_metrics=return_metrics, temperature=temperature,
             logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping, tile_elements=tile_elements,
+            vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
         )  # fmt: skip
 
     def forward(

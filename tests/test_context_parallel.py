@@ -1,7 +1,7 @@
 """Context parallel on torch.distributed (gloo): every sequence's positions split in contiguous slices across
 ranks (labels aligned, ``shift=False``); per-sequence sums all-reduced inside the graph. Loss and metrics equal the
-unsharded float64 reference on every rank, each rank's gradient is its slice of the unsharded one (logits path,
-fused-linear path, and CP x TP on a 2 x 2 grid of 4 processes)."""
+unsharded float64 reference on every rank, each rank's gradient is its slice of the unsharded one (logits path and
+fused-linear path, CP alone and CP x TP on a 2 x 2 grid of 4 processes)."""
 
 import os
 
@@ -64,18 +64,20 @@ def _worker(rank, world, store, tp):
         truth = reference.dpo_loss(full, labels, *ref.double(), **KW)
         truth.loss.backward()
         _check(out, truth, x.grad, full.grad[:, t0:t1, v0:v1], "logits")
-        if tp == 1:  # fused-linear path: each rank projects its own positions
-            h = hidden[:, t0:t1].clone().requires_grad_()
-            w = weight.clone().requires_grad_()
-            out = fastdpo.fused_linear_dpo_loss(h, w, labels[:, t0:t1], *ref, context_parallel_group=cp_group, **KW)
-            out.loss.backward()
-            hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
-            truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **KW)
-            truth.loss.backward()
-            _check(out, truth, h.grad, hf.grad[:, t0:t1], "fused")
-            # the head is replicated: each rank holds its positions' share of dW; their sum is the full gradient
-            dist.all_reduce(w.grad, group=cp_group)
-            _close(w.grad, wf.grad, "fused dW (summed over ranks)", atol=1e-6)
+        # fused-linear path: each rank projects its own positions through its rows of the head
+        h = hidden[:, t0:t1].clone().requires_grad_()
+        w = weight[v0:v1].clone().requires_grad_()
+        out = fastdpo.fused_linear_dpo_loss(h, w, labels[:, t0:t1], *ref, context_parallel_group=cp_group, **vocab,
+                                            **KW)  # fmt: skip
+        out.loss.backward()
+        hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **KW)
+        truth.loss.backward()
+        _check(out, truth, h.grad, hf.grad[:, t0:t1], "fused")
+        # the head is replicated over CP: each rank holds its positions' share of its rows' dW; the sum is the full
+        # gradient of those rows
+        dist.all_reduce(w.grad, group=cp_group)
+        _close(w.grad, wf.grad[v0:v1], "fused dW (summed over CP ranks)", atol=1e-6)
         dist.barrier()  # no rank tears its groups down while another still talks
     finally:
         dist.destroy_process_group()

@@ -1,6 +1,7 @@
-"""Vocab-parallel logits path on torch.distributed (gloo, 2 and 4 spawned processes): each rank holds a slice of
-the vocabulary; log-probs, statistics, the DPO loss and metrics equal the unsharded float64 reference on every
-rank, and each rank's gradient is its slice of the unsharded gradient."""
+"""Vocab parallel on torch.distributed (gloo, 2 and 4 spawned processes): each rank holds a slice of the
+vocabulary, of the logits or of the LM head's rows; log-probs, statistics, the DPO loss and metrics equal the
+unsharded float64 reference on every rank, each rank's gradient of its shard is that slice of the unsharded
+gradient, and (fused-linear path) every rank receives the full gradient of its replicated hidden states."""
 
 import os
 
@@ -118,3 +119,92 @@ def _worker(rank, world, store, bounds, backend, use_dtensor):
 )
 def test_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, backend, tmp_path):
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), bounds, backend, use_dtensor), nprocs=world, join=True)
+
+
+D = 24
+HEAD = dict(temperature=0.9, logit_scale=1.5, final_logit_softcapping=12.0)
+
+
+def _head_inputs():
+    gen = torch.Generator().manual_seed(4321)
+    hidden = torch.randn(2 * B, T, D, generator=gen)
+    weight = torch.randn(V, D, generator=gen) * 2 / D**0.5
+    bias = torch.randn(V, generator=gen) * 0.5
+    ref_hidden = hidden + 0.3 * torch.randn(2 * B, T, D, generator=gen)
+    labels = torch.randint(0, V, (2 * B, T), generator=gen)
+    labels[:, :2] = -100
+    labels[0, 3], labels[1, 4] = V - 1, 0  # the first and last vocab ids are scored somewhere
+    return hidden, weight, bias, ref_hidden, labels
+
+
+def _fused_worker(rank, world, store, bounds, backend, use_dtensor):
+    os.environ["FASTDPO_BACKEND"] = backend
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        hidden, weight, bias, ref_hidden, labels = _head_inputs()
+        lo, hi = bounds[rank], bounds[rank + 1]
+        equal = len({b - a for a, b in zip(bounds, bounds[1:])}) == 1
+        h = hidden.clone().requires_grad_()
+        w, b = weight[lo:hi].clone().requires_grad_(), bias[lo:hi].clone().requires_grad_()
+        w_in, b_in = w, b
+        kw = dict(vocab_parallel_group=dist.group.WORLD, vocab_start_index=None if equal else lo)
+        if use_dtensor:  # lm_head.weight as ColwiseParallel leaves it: Shard(0) on a 1-D mesh
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import DTensor, Shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            w_in = DTensor.from_local(w, mesh, [Shard(0)], run_check=False, shape=(V, D), stride=(D, 1))
+            b_in = DTensor.from_local(b, mesh, [Shard(0)], run_check=False, shape=(V,), stride=(1,))
+            kw = dict(vocab_parallel_group=mesh)
+        full = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+
+        # the DPO loss with metrics and the reference's hidden states through the same (sharded) head, over several
+        # tiles per call (WPO's log sum p^2 is checked per token below: its weights would make the loss vanish here)
+        out = fastdpo.fused_linear_dpo_loss(h, w_in, labels, bias=b_in, ref_hidden=ref_hidden, beta=0.2,
+                                            return_metrics=True, tile_elements=16 * V, **HEAD, **kw)  # fmt: skip
+        truth = reference.fused_linear_dpo_loss(*full[:2], labels, bias=full[2], ref_hidden=ref_hidden.double(),
+                                                beta=0.2, return_metrics=True, **HEAD)  # fmt: skip
+        _close(out.loss, truth.loss, "fused loss")
+        for name, value in truth.metrics.items():
+            _close(out.metrics[name], value, f"fused {name}")
+        out.loss.backward()
+        truth.loss.backward()
+        assert float(full[0].grad.abs().max()) > 1e-3
+        _close(h.grad, full[0].grad, "fused d hidden (full on every rank)", atol=1e-6)
+        _close(w.grad, full[1].grad[lo:hi], "fused d weight (this rank's rows)", atol=1e-6)
+        _close(b.grad, full[2].grad[lo:hi], "fused d bias (this rank's rows)", atol=1e-6)
+
+        # per-token outputs, entropy gradient included
+        h2 = hidden.reshape(-1, D).clone().requires_grad_()
+        targets = labels.reshape(-1)
+        tok = fastdpo.fused_linear_token_logps(h2, w_in.detach(), targets, bias=b_in.detach(), outputs=OUTPUTS,
+                                               **HEAD, **kw)  # fmt: skip
+        hf = hidden.reshape(-1, D).double().requires_grad_()
+        want = reference.fused_linear_token_logps(hf, weight.double(), targets, bias=bias.double(), outputs=OUTPUTS,
+                                                  **HEAD)  # fmt: skip
+        for name in OUTPUTS:
+            got, exp = getattr(tok, name), getattr(want, name)
+            if name == "is_top1":
+                assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
+            else:
+                _close(got, exp.detach(), f"fused {name}")
+        (tok.log_probs.sum() + tok.entropy.sum()).backward()
+        (want.log_probs.sum() + want.entropy.sum()).backward()
+        _close(h2.grad, hf.grad, "fused token d hidden")
+
+        seq = fastdpo.fused_linear_sequence_logps(hidden, w_in.detach(), labels, bias=b_in.detach(), **HEAD, **kw)
+        _close(seq, reference.fused_linear_sequence_logps(hidden.double(), weight.double(), labels,
+                                                          bias=bias.double(), **HEAD), "fused sequence_logps")  # fmt: skip
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "world,bounds,use_dtensor",
+    [(2, [0, 150, V], False), (4, [0, 41, 150, 151, V], False), (2, [0, 150, V], True)],
+    ids=["tp2", "tp4-uneven", "dtensor2"],
+)
+def test_fused_linear_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, backend, tmp_path):
+    mp.spawn(_fused_worker, args=(world, str(tmp_path / "store"), bounds, backend, use_dtensor), nprocs=world,
+             join=True)  # fmt: skip

@@ -20,6 +20,13 @@ kernel from the *global* (m, log l) and entropy: dz = g (onehot - e^(z - m - log
 
 Every rank returns the same (replicated) log-probs and receives the same upstream gradient; nothing is scaled by
 the group size.
+
+Fused-linear path (``VocabParallelFusedLinear``): the rank holds rows ``[start_s, start_s + V_s)`` of the LM head
+and the replicated hidden states; its shard of the logits is projected tile by tile and merged as above. The one
+extra collective is in the backward: dH = sum_s dX_s W_s, an all-reduce of ``[R, D]`` in hidden's dtype, which
+hands every rank the full gradient of its (replicated) hidden states, the convention of Megatron's
+``ColumnParallelLinear`` (the backward of ``copy_to_tensor_model_parallel_region``) and of torch's ``ColwiseParallel``
+(a ``Replicate`` input whose ``Partial`` gradient is reduced).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from fastdpo._logps_outputs import STATS
-from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw
+from fastdpo.ops.fused_linear import compute_dtype
+from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw, stats_mask
 
 
 def local_labels(labels: torch.Tensor, start: int, V_local: int, ignore_index: int) -> torch.Tensor:
@@ -44,6 +52,60 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
+def merge_shards(logp_s, lse_s, stats_s, row_labels, stat_names, ignore_index, group, start: int, V_local: int,
+                 V_total: int):  # fmt: skip
+    """The global per-token outputs from this shard's, by the all-reduces in the module docstring.
+
+    ``logp_s`` ``[...]``, ``lse_s`` ``[2, ...]`` (shard max, log sum), ``stats_s`` ``[len(STATS), ...]`` or None:
+    what the logits kernels return for this shard with local labels; ``row_labels`` ``[...]``: the global label each
+    row scores. Returns (logp, entropy or None, stats or None, lse ``[2, ...]``), lse being the global (m, log l)
+    that the backward kernel needs."""
+    scored = row_labels != ignore_index
+    owned = scored & (row_labels >= start) & (row_labels < start + V_local)
+    log_l_s = lse_s[1]
+    m_s = torch.where(log_l_s == -torch.inf, -torch.inf, lse_s[0])  # a shard with no finite logit: no max
+    m = _all_reduce(m_s.clone(), dist.ReduceOp.MAX, group)
+    l = _all_reduce(torch.exp(log_l_s + (m_s - m)), dist.ReduceOp.SUM, group)
+    log_l = torch.where(scored, torch.log(l), 0.0)
+    r = torch.where(m_s == -torch.inf, 0.0, torch.exp(m_s - m))
+    # one SUM carries the owner's log-prob and label logit, and every rank's partial entropy / log sum p^2 terms
+    parts = {"logp": torch.where(owned, logp_s - ((m - m_s) + (log_l - log_l_s)), 0.0)}
+    stat = {name: stats_s[STATS.index(name)] for name in stat_names}
+    if "entropy" in stat:
+        l_s = torch.exp(log_l_s)
+        h_s = l_s * (log_l_s - stat["entropy"])
+        parts["entropy"] = torch.where(r > 0, r * (h_s + (m_s - m) * l_s), 0.0)
+    if "log_sum_sq_probs" in stat:
+        parts["sum_sq"] = r * r * torch.exp(stat["log_sum_sq_probs"] + 2 * log_l_s)
+    if "mean_logits" in stat:
+        parts["mean_logits"] = stat["mean_logits"] * (V_local / V_total)
+    if "is_top1" in stat:
+        # Where the label is its shard's first argmax, its logit *is* the shard max m_s: compare that exact value
+        # with the other shards' maxima (rebuilding z_label from logp + m + log l would round).
+        parts["z_label"] = torch.where(owned, m_s, 0.0)
+        parts["top1_owner"] = torch.where(owned, stat["is_top1"], 0.0)
+    summed = _all_reduce(torch.stack(list(parts.values())), dist.ReduceOp.SUM, group)
+    total = dict(zip(parts, summed))
+    logp = torch.where(scored, total["logp"], 0.0)
+    stats_out = torch.zeros_like(stats_s) if stat_names else None
+    entropy = None
+    if "entropy" in stat:
+        entropy = torch.where(scored, log_l - total["entropy"] / l, 0.0)
+        stats_out[STATS.index("entropy")] = entropy
+    if "log_sum_sq_probs" in stat:
+        log_sum_sq = torch.log(total["sum_sq"]) - 2 * log_l
+        stats_out[STATS.index("log_sum_sq_probs")] = torch.where(scored, log_sum_sq, 0.0)
+    if "mean_logits" in stat:
+        stats_out[STATS.index("mean_logits")] = torch.where(scored, total["mean_logits"], 0.0)
+    if "is_top1" in stat:
+        before = (start + V_local <= row_labels) & scored  # this whole shard precedes the label's id
+        b = _all_reduce(torch.where(before, m_s, -torch.inf), dist.ReduceOp.MAX, group)
+        z = total["z_label"]
+        top1 = (total["top1_owner"] > 0.5) & (z >= m) & (z > b) & scored
+        stats_out[STATS.index("is_top1")] = top1.to(stats_out.dtype)
+    return logp, entropy, stats_out, torch.stack([torch.where(scored, m, 0.0), log_l])
+
+
 class VocabParallelLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, options: LogpsOptions, group, start: int, V_total: int):
@@ -51,60 +113,16 @@ class VocabParallelLogps(torch.autograd.Function):
         V_local = logits.shape[-1]
         local = local_labels(labels, start, V_local, o.ignore_index)
         kw = kernel_kw(o.shift, o.ignore_index, o.temperature, o.logit_scale, o.softcap)
-        impl = impl_for(logits)
-        out = impl.logps_fwd(logits, local, stats=o.stats, **kw)
-        row_labels = labels[:, int(o.shift) :]
-        scored = row_labels != o.ignore_index
-        owned = scored & (row_labels >= start) & (row_labels < start + V_local)
-        log_l_s = out.lse[1]
-        m_s = torch.where(log_l_s == -torch.inf, -torch.inf, out.lse[0])  # a shard with no finite logit: no max
-        m = _all_reduce(m_s.clone(), dist.ReduceOp.MAX, group)
-        l = _all_reduce(torch.exp(log_l_s + (m_s - m)), dist.ReduceOp.SUM, group)
-        log_l = torch.where(scored, torch.log(l), 0.0)
-        r = torch.where(m_s == -torch.inf, 0.0, torch.exp(m_s - m))
-        # one SUM carries the owner's log-prob and label logit, and every rank's partial entropy / log sum p^2 terms
-        parts = {"logp": torch.where(owned, out.logp - ((m - m_s) + (log_l - log_l_s)), 0.0)}
-        stat = {name: out.stats[STATS.index(name)] for name in o.stats}
-        if "entropy" in stat:
-            l_s = torch.exp(log_l_s)
-            h_s = l_s * (log_l_s - stat["entropy"])
-            parts["entropy"] = torch.where(r > 0, r * (h_s + (m_s - m) * l_s), 0.0)
-        if "log_sum_sq_probs" in stat:
-            parts["sum_sq"] = r * r * torch.exp(stat["log_sum_sq_probs"] + 2 * log_l_s)
-        if "mean_logits" in stat:
-            parts["mean_logits"] = stat["mean_logits"] * (V_local / V_total)
-        if "is_top1" in stat:
-            # Where the label is its shard's first argmax, its logit *is* the shard max m_s: compare that exact value
-            # with the other shards' maxima (rebuilding z_label from logp + m + log l would round).
-            parts["z_label"] = torch.where(owned, m_s, 0.0)
-            parts["top1_owner"] = torch.where(owned, stat["is_top1"], 0.0)
-        summed = _all_reduce(torch.stack(list(parts.values())), dist.ReduceOp.SUM, group)
-        total = dict(zip(parts, summed))
-        logp = torch.where(scored, total["logp"], 0.0)
-        stats_out = torch.zeros_like(out.stats) if o.stats else None
-        entropy = None
-        if "entropy" in stat:
-            entropy = torch.where(scored, log_l - total["entropy"] / l, 0.0)
-            stats_out[STATS.index("entropy")] = entropy
-        if "log_sum_sq_probs" in stat:
-            log_sum_sq = torch.log(total["sum_sq"]) - 2 * log_l
-            stats_out[STATS.index("log_sum_sq_probs")] = torch.where(scored, log_sum_sq, 0.0)
-        if "mean_logits" in stat:
-            stats_out[STATS.index("mean_logits")] = torch.where(scored, total["mean_logits"], 0.0)
-        if "is_top1" in stat:
-            before = (start + V_local <= row_labels) & scored  # this whole shard precedes the label's id
-            b = _all_reduce(torch.where(before, m_s, -torch.inf), dist.ReduceOp.MAX, group)
-            z = total["z_label"]
-            top1 = (total["top1_owner"] > 0.5) & (z >= m) & (z > b) & scored
-            stats_out[STATS.index("is_top1")] = top1.to(stats_out.dtype)
-        lse = torch.stack([torch.where(scored, m, 0.0), log_l])
+        out = impl_for(logits).logps_fwd(logits, local, stats=o.stats, **kw)
+        logp, entropy, stats, lse = merge_shards(out.logp, out.lse, out.stats, labels[:, int(o.shift) :], o.stats,
+                                                 o.ignore_index, group, start, V_local, V_total)  # fmt: skip
         ctx.save_for_backward(logits, local, lse, entropy)
         ctx.kw = kw
         ctx.inplace = o.inplace_backward
         ctx.set_materialize_grads(False)
-        if stats_out is not None:
-            ctx.mark_non_differentiable(stats_out)
-        return logp, None if entropy is None else entropy.clone(), stats_out
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        return logp, None if entropy is None else entropy.clone(), stats
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
@@ -114,6 +132,56 @@ class VocabParallelLogps(torch.autograd.Function):
         grad = impl_for(logits).logps_bwd(logits, local, lse, grad_logp, entropy=entropy,
                                           grad_entropy=grad_entropy, inplace=ctx.inplace, **ctx.kw)  # fmt: skip
         return (grad,) + (None,) * 5
+
+
+class VocabParallelFusedLinear(torch.autograd.Function):
+    """Per-token outputs of ``hidden @ weight.T (+ bias)`` with ``weight`` this rank's rows ``[V_s, D]`` of the LM
+    head and ``hidden`` ``[R, D]`` replicated. The fused-linear op projects and sweeps the shard tile by tile; the
+    outputs are merged as for logits. Backward: the fused backward with the global (m, log l) and entropy gives
+    this shard's dX; dW_s = dX^T H and db_s are this rank's slices of the full gradients, and dH = dX W_s is a partial
+    sum over the shards, all-reduced here, because hidden is replicated (each rank receives the full gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, options, matmul_dtype, group, start: int, V_total: int):
+        o = options
+        V_local = weight.shape[0]
+        local = local_labels(targets, start, V_local, o.ignore_index)
+        args = (o.ignore_index, o.temperature, o.logit_scale, o.softcap)
+        mask = stats_mask(o.stats)
+        logp_s, lse_s, _, stats_s = torch.ops.fastdpo.fused_linear_logps(
+            hidden, weight, bias, local, *args, mask, o.tile_elements, matmul_dtype
+        )
+        logp, entropy, stats, lse = merge_shards(logp_s, lse_s, stats_s if mask else None, targets, o.stats,
+                                                 o.ignore_index, group, start, V_local, V_total)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, local, lse, entropy)
+        ctx.args = (*args, o.tile_elements, matmul_dtype)
+        ctx.group = group
+        ctx.set_materialize_grads(False)
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        return logp, None if entropy is None else entropy.clone(), stats
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
+        hidden, weight, bias, local, lse, entropy = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None]
+        if entropy is None:
+            grad_entropy = None
+        if (grad_logp is None and grad_entropy is None) or not any(needs):
+            return (None,) * 9
+        grad_h, grad_w, grad_b = torch.ops.fastdpo.fused_linear_logps_backward(
+            hidden, weight, bias, local, lse, entropy, grad_logp, grad_entropy, *ctx.args, needs
+        )
+        if needs[0]:
+            dist.all_reduce(grad_h, group=ctx.group)
+        return (grad_h if needs[0] else None, grad_w if needs[1] else None, grad_b if needs[2] else None) + (None,) * 6
+
+
+def fused_linear_logps(hidden, weight, bias, targets, options, group, start: int, V_total: int):
+    """``fastdpo.ops.fused_linear.fused_linear_logps`` for a vocab shard of the head: (logp [R], entropy [R] or
+    None, stats [len(STATS), R] or None), replicated on every rank."""
+    return VocabParallelFusedLinear.apply(hidden, weight, bias, targets, options, compute_dtype(hidden, weight),
+                                          group, start, V_total)  # fmt: skip
 
 
 def token_logps(logits, labels, options: LogpsOptions, group, start: int, V_total: int,
@@ -130,10 +198,10 @@ def token_logps(logits, labels, options: LogpsOptions, group, start: int, V_tota
     return TokenOutputs(logp, entropy, stats, ref_logp, None)
 
 
-def shard_layout(logits: torch.Tensor, group, start: int | None) -> tuple[int, int]:
-    """(this rank's first vocab id, the global vocab size), checked across the group with one all-gather: the
-    shards must tile ``[0, V)`` without gap or overlap. Default ``start``: equal contiguous shards in rank order."""
-    V_local = logits.shape[-1]
+def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
+    """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
+    with one all-gather: the shards must tile ``[0, V)`` without gap or overlap. Default ``start``: equal contiguous
+    shards in rank order."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if start is None:
         start = rank * V_local
@@ -166,3 +234,21 @@ def from_dtensor(logits):
                          f"got placements {placements} on a {logits.device_mesh.ndim}-D mesh")  # fmt: skip
     _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, placements)
     return logits.to_local(), logits.device_mesh.get_group(), int(offset[-1])
+
+
+def head_from_dtensor(weight, group):
+    """(local rows, process group, first vocab id) of an LM-head weight DTensor sharded on its rows over a 1-D mesh
+    (``Shard(0)``, as ``ColwiseParallel`` leaves ``lm_head.weight``); ``group`` (the mesh or its process group) must
+    be that mesh's. The local rows keep the DTensor's autograd link."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = weight.device_mesh, weight.placements
+    if mesh.ndim != 1 or not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise ValueError(f"a vocab-parallel DTensor weight must be sharded on its rows over a 1-D mesh (Shard(0)), "
+                         f"got placements {placements} on a {mesh.ndim}-D mesh")  # fmt: skip
+    if group is not mesh and group != mesh.get_group() and not (isinstance(group, DeviceMesh) and group == mesh):
+        raise ValueError("vocab_parallel_group must be the weight DTensor's device mesh (or its process group)")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
+    return weight.to_local(), mesh.get_group(), int(offset[0])
