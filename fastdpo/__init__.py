@@ -15,11 +15,12 @@ from fastdpo.functional import dpo_loss, sequence_logps, token_logps
 from fastdpo.fused_linear import fused_linear_dpo_loss, fused_linear_sequence_logps, fused_linear_token_logps
 from fastdpo.losses import F_DIVERGENCES, LOSS_TYPES, DPOOutput
 from fastdpo.modules import DPOLoss, FusedLinearDPOLoss
+from fastdpo.sequences import shift_labels
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DPOLoss", "DPOOutput", "F_DIVERGENCES", "FusedLinearDPOLoss", "LOSS_TYPES", "TokenLogps", "dpo_loss",
     "fused_linear_dpo_loss", "fused_linear_sequence_logps", "fused_linear_token_logps", "reference", "sequence_logps",
-    "token_logps",
+    "shift_labels", "token_logps",
 ]

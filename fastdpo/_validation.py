@@ -92,26 +92,27 @@ def check_reference_logps(name: str, value: torch.Tensor | None, B: int, device:
 
 
 def check_packing(
-    logits: torch.Tensor, cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None, name: str = "logits"
+    logits: torch.Tensor, cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None, name: str = "logits",
+    total_T: int | None = None,
 ) -> torch.Tensor | None:
     """``cu_seq_lens`` ``[S + 1]`` of a packed batch (derived from ``position_ids`` if given), or None if padded.
+    ``total_T``: the packed row's length when ``logits`` is a context-parallel slice of it (``cu_seq_lens`` and
+    ``position_ids`` then cover the whole row); default ``logits.shape[1]``.
 
     The value checks (starts at 0, ends at total_T, strictly increasing) cost one host sync per call, and
     ``position_ids`` one more; explicit ``pairs`` are checked with one more."""
     if cu_seq_lens is None and position_ids is None:
         return None
     N, T = logits.shape[:2]
+    T = T if total_T is None else total_T
     if cu_seq_lens is not None and position_ids is not None:
         raise ValueError("pass either cu_seq_lens or position_ids for a packed batch, not both")
     if N != 1:
         last = "D" if name == "hidden" else "V"
         raise ValueError(f"a packed batch has {name} of shape (1, total_T, {last}), got {tuple(logits.shape)}")
     if position_ids is not None:
-        if tuple(position_ids.shape) != (1, T) or position_ids.dtype.is_floating_point:
-            raise ValueError(f"position_ids must be an integer tensor of shape (1, {T}), got "
-                             f"{tuple(position_ids.shape)} {position_ids.dtype}")  # fmt: skip
-        if position_ids.device != logits.device:
-            raise ValueError(f"position_ids must be on the {name}' device {logits.device}, got {position_ids.device}")
+        if total_T is None:
+            check_position_ids(position_ids, logits, name=name)
         cu_seq_lens = cu_seq_lens_from_position_ids(position_ids)
     if cu_seq_lens.ndim != 1 or cu_seq_lens.numel() < 2 or cu_seq_lens.dtype.is_floating_point:
         raise ValueError(f"cu_seq_lens must be a 1-D integer tensor [0, end_0, ..., {T}], got shape "
@@ -124,6 +125,16 @@ def check_packing(
         raise ValueError(f"cu_seq_lens must start at 0, end at total_T = {T} and increase strictly, got "
                          f"{cu_seq_lens.tolist()}")  # fmt: skip
     return cu_seq_lens
+
+
+def check_position_ids(position_ids: torch.Tensor, logits: torch.Tensor, *, name: str, what: str = "") -> None:
+    """``position_ids`` ``[1, T]`` integer on ``logits``' device (T = ``logits.shape[1]``)."""
+    T = logits.shape[1]
+    if tuple(position_ids.shape) != (1, T) or position_ids.dtype.is_floating_point:
+        raise ValueError(f"position_ids must be {what}an integer tensor of shape (1, {T}), got "
+                         f"{tuple(position_ids.shape)} {position_ids.dtype}")  # fmt: skip
+    if position_ids.device != logits.device:
+        raise ValueError(f"position_ids must be on the {name}' device {logits.device}, got {position_ids.device}")
 
 
 def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device, *, distinct: bool = False) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdpo import _pipeline, _validation
+from fastdpo import _pipeline, _validation, context_parallel
 from fastdpo._logps_outputs import OUTPUTS, STATS, TokenLogps, check_outputs
 from fastdpo.losses import DPOOutput, LossConfig
 from fastdpo.ops import logps as logps_op
@@ -32,7 +32,7 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed
     DTensor = None
-from fastdpo.sequences import ContextParallelLayout, SequenceLayout
+from fastdpo.sequences import SequenceLayout
 
 
 def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1.0, inplace_backward=False,
@@ -52,17 +52,17 @@ def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1
 
 
 def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_parallel_group, name="logits"):
-    """The ``SequenceLayout`` of a call: padded, packed, or padded rows split along T over a context-parallel group
-    (which needs labels already aligned with the positions, ``shift=False``, and no packing yet)."""
+    """The ``SequenceLayout`` of a call: padded or packed, on one device or split along T over a context-parallel
+    group (which needs labels already aligned with the positions, ``shift=False``)."""
     if context_parallel_group is None:
         return SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(
             tensor, cu_seq_lens, position_ids, name=name))  # fmt: skip
     if shift:
         raise ValueError("context_parallel_group needs shift=False: each rank's labels must already be aligned with "
-                         "its positions (the boundary token's label comes from the next rank's slice)")  # fmt: skip
-    if cu_seq_lens is not None or position_ids is not None:
-        raise NotImplementedError("context parallelism over packed batches is not supported yet")
-    return ContextParallelLayout(labels, group=context_parallel_group)
+                         "its positions (the boundary token's label comes from the next rank's slice; see "
+                         "fastdpo.shift_labels)")  # fmt: skip
+    return context_parallel.make_layout(tensor, labels, group=context_parallel_group, cu_seq_lens=cu_seq_lens,
+                                        position_ids=position_ids, name=name)  # fmt: skip
 
 
 def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_index):

@@ -15,8 +15,9 @@ class DPOLoss(nn.Module):
     """``DPOLoss(beta=0.1, ...)(logits, labels, ref_chosen_logps, ref_rejected_logps, **batch) -> DPOOutput``.
 
     Same keywords and semantics as ``fastdpo.dpo_loss``; the loss options are validated at construction. With
-    ``vocab_parallel_group`` (and ``vocab_start_index``) the logits passed to ``forward`` are this rank's shard.
-    Per-batch tensors (``ref_logits``, ``cu_seq_lens``, ``position_ids``, ``pairs``) go to ``forward``.
+    ``vocab_parallel_group`` (and ``vocab_start_index``) the logits passed to ``forward`` are this rank's shard;
+    with ``context_parallel_group`` (and ``shift=False``) they are this rank's slice of the positions. Per-batch
+    tensors (``ref_logits``, ``cu_seq_lens``, ``position_ids``, ``pairs``) go to ``forward``.
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class DPOLoss(nn.Module):
         inplace_backward: bool = False,
         vocab_parallel_group=None,
         vocab_start_index: int | None = None,
+        context_parallel_group=None,
         **loss_options,
     ):
         super().__init__()
@@ -38,7 +40,8 @@ class DPOLoss(nn.Module):
         self.shift = shift
         self.return_metrics = return_metrics
         self.inplace_backward = inplace_backward
-        self.vocab_parallel = dict(vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)
+        self.parallel = dict(vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                             context_parallel_group=context_parallel_group)  # fmt: skip
 
     def forward(
         self,
@@ -58,7 +61,7 @@ class DPOLoss(nn.Module):
             shift=self.shift,
             return_metrics=self.return_metrics,
             inplace_backward=self.inplace_backward,
-            **self.vocab_parallel,
+            **self.parallel,
             **batch,
         )
 
@@ -74,7 +77,8 @@ class FusedLinearDPOLoss(nn.Module):
     logit transform (``temperature``, ``logit_scale``, ``final_logit_softcapping``) and tile budget. Per-batch
     tensors (``bias``, ``ref_hidden``, ``ref_weight``, ``ref_bias``, ``cu_seq_lens``, ``position_ids``,
     ``pairs``) go to ``forward``. ``weight`` is passed per call (e.g. ``model.lm_head.weight``), so the module
-    holds no parameter and ties to nothing; with ``vocab_parallel_group`` it is this rank's vocab shard.
+    holds no parameter and ties to nothing; with ``vocab_parallel_group`` it is this rank's vocab shard. With
+    ``context_parallel_group`` (and ``shift=False``) hidden is this rank's slice of the positions.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class FusedLinearDPOLoss(nn.Module):
         tile_elements: int | None = None,
         vocab_parallel_group=None,
         vocab_start_index: int | None = None,
+        context_parallel_group=None,
         **loss_options,
     ):
         super().__init__()
@@ -99,6 +104,7 @@ class FusedLinearDPOLoss(nn.Module):
             ignore_index=ignore_index, shift=shift, return_metrics=return_metrics, temperature=temperature,
             logit_scale=logit_scale, final_logit_softcapping=final_logit_softcapping, tile_elements=tile_elements,
             vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+            context_parallel_group=context_parallel_group,
         )  # fmt: skip
 
     def forward(

@@ -48,9 +48,13 @@ def pairwise_sums(x: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceLayout:
-    """Maps per-token rows ``[N, T - shift]`` to S sequences (S = N when padded)."""
+    """Maps per-token rows ``[N, T - shift]`` to S sequences (S = N when padded).
 
-    def __init__(self, labels: torch.Tensor, *, shift: bool, cu_seq_lens: torch.Tensor | None = None):
+    ``offset``/``total``: this tensor is positions ``[offset, offset + T)`` of a packed row of ``total`` positions
+    (a context-parallel slice; ``cu_seq_lens`` then gives the whole row's boundaries). Default: the whole row."""
+
+    def __init__(self, labels: torch.Tensor, *, shift: bool, cu_seq_lens: torch.Tensor | None = None,
+                 offset: int = 0, total: int | None = None):  # fmt: skip
         self.shift = int(shift)
         self.packed = cu_seq_lens is not None
         N, T = labels.shape
@@ -60,20 +64,22 @@ class SequenceLayout:
             return
         cu = cu_seq_lens.to(device=labels.device, dtype=torch.long)
         self.num_sequences = cu.numel() - 1
-        self.starts, self.ends = cu[:-1], cu[1:]  # label positions [start, end) of each sequence
+        self.starts, self.ends = cu[:-1], cu[1:]  # label positions [start, end) of each sequence, in the whole row
         # rows scoring sequence i: label positions start..end-1, i.e. rows start - shift .. end - 1 - shift
-        self.row_start = (self.starts - self.shift).clamp(0, self.T_rows)
-        rows = torch.arange(self.T_rows, device=labels.device)
+        self.local_starts = (self.starts - offset).clamp(0, T)
+        self.local_ends = (self.ends - offset).clamp(0, T)
+        self.row_start = (self.local_starts - self.shift).clamp(0, self.T_rows)
+        rows = torch.arange(self.T_rows, device=labels.device) + offset  # positions in the whole row
         self.row_sequence = torch.searchsorted(self.ends, rows + self.shift, right=True)  # sequence of each row's label
-        self._block_sums_index(rows, cu)
+        self._block_sums_index(rows, cu, T if total is None else total)
 
-    def _block_sums_index(self, rows: torch.Tensor, cu: torch.Tensor) -> None:
+    def _block_sums_index(self, rows: torch.Tensor, cu: torch.Tensor, T: int) -> None:
         """Where each row goes in the two-level packed sums. Row p of sequence i, q = p - start_i rows after the
         sequence's first scored row, lands in block ``block_start_i + q // SUM_BLOCK``, column ``q % SUM_BLOCK``
         (with shift, row start_i - 1 reads the masked first label: it goes to a dropped block); block k of sequence
         i is column k of its row in the second level. Sizes are static (no host sync): sum_i ceil(len_i / B) <=
         T // B + S blocks, at most T // B + 1 per sequence."""
-        S, B, T = self.num_sequences, SUM_BLOCK, self.T_rows + self.shift
+        S, B = self.num_sequences, SUM_BLOCK
         blocks = (cu[1:] - cu[:-1] + B - 1) // B
         block_end = blocks.cumsum(0)
         block_start = block_end - blocks
@@ -94,7 +100,7 @@ class SequenceLayout:
         """Labels with each packed sequence's first token unscored (shifted, it would read the previous one)."""
         if not (self.packed and self.shift):
             return labels
-        return labels.index_fill(1, self.starts, ignore_index)
+        return labels.index_fill(1, self.local_starts, ignore_index)
 
     def sums(self, per_token: torch.Tensor) -> torch.Tensor:
         """``[N, T - shift]`` -> ``[S]`` sums per sequence (differentiable)."""
@@ -127,7 +133,28 @@ class SequenceLayout:
         if not self.packed:
             return is_label.sum(1)
         prefix = torch.nn.functional.pad(is_label[0].cumsum(0), (1, 0))
-        return prefix[self.ends] - prefix[self.starts]
+        return prefix[self.local_ends] - prefix[self.local_starts]
+
+
+def shift_labels(labels: torch.Tensor, *, ignore_index: int = -100, cu_seq_lens: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Labels ``[N, T]`` aligned with the input ids -> ``[N, T]`` aligned with the logits: position t holds label
+    t + 1 (what ``logits[:, t]`` scores; transformers' ``shift_labels``), ``ignore_index`` at the last position and,
+    in a packed row (``cu_seq_lens`` or ``position_ids``), at each sequence's last position, whose next token starts
+    another sequence. Any entry point with ``shift=False`` on these equals ``shift=True`` on ``labels``.
+
+    For context parallelism, shift the whole row first, then give each rank its slice: the last position of rank
+    r's slice then carries its label, the first token of rank r + 1's slice (the boundary token).
+
+    One difference: the token counts that IPO and ``sigmoid_norm`` divide by (TRL's ``completion_mask.sum()``) count
+    the labels given, so a sequence whose very first token is a completion token counts one more with
+    ``shift=True`` (that token is never scored). DPO sequences start with a prompt token, and then the two agree."""
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    if position_ids is not None:
+        cu_seq_lens = cu_seq_lens_from_position_ids(position_ids)
+    if cu_seq_lens is not None:
+        shifted[:, cu_seq_lens[1:].to(labels.device) - 1] = ignore_index
+    return shifted
 
 
 def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -137,41 +164,3 @@ def cu_seq_lens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.nonzero(flat == 0).squeeze(1)
     end = torch.tensor([flat.numel()], device=flat.device)
     return torch.cat([starts, end])
-
-
-class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce SUM of per-sequence partial sums. The backward passes the gradient through unchanged: every rank
-    back-propagates the same (replicated) loss, so reducing the gradients too would scale them by the group size."""
-
-    @staticmethod
-    def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
-        import torch.distributed as dist
-
-        total = partial.clone()
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-class ContextParallelLayout(SequenceLayout):
-    """Padded rows split along T across a context-parallel group: each rank holds a contiguous slice of every
-    sequence's positions (labels already aligned, ``shift=False``). Per-sequence sums are this rank's partial sums
-    all-reduced inside the autograd graph (``[S]`` floats per reduction); each rank's gradient is its slice of the
-    unsharded gradient."""
-
-    def __init__(self, labels: torch.Tensor, *, group):
-        super().__init__(labels, shift=False)
-        self.group = group
-
-    def sums(self, per_token: torch.Tensor) -> torch.Tensor:
-        return _SumAcrossRanks.apply(super().sums(per_token), self.group)
-
-    def label_counts(self, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        return _SumAcrossRanks.apply(super().label_counts(labels, ignore_index), self.group)
-
-    def rank(self, scored: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("ld_alpha with context parallelism is not supported yet (a token's rank in its "
-                                  "sequence needs the scored counts of the ranks before it)")  # fmt: skip

@@ -1,7 +1,8 @@
-"""Context parallel on torch.distributed (gloo): every sequence's positions split in contiguous slices across
-ranks (labels aligned, ``shift=False``); per-sequence sums all-reduced inside the graph. Loss and metrics equal the
-unsharded float64 reference on every rank, each rank's gradient is its slice of the unsharded one (logits path and
-fused-linear path, CP alone and CP x TP on a 2 x 2 grid of 4 processes)."""
+"""Context parallel on torch.distributed (gloo): the positions split in contiguous slices across ranks (labels
+aligned, ``shift=False``), padded rows or one packed row whose sequences cross slices; per-sequence sums all-reduced
+inside the graph. Loss and metrics equal the unsharded float64 reference on every rank and each rank's gradient is
+its slice of the unsharded one: logits path and fused-linear path, CP alone (2 and 4 ranks, uneven slices) and
+CP x TP on a 2 x 2 grid, LD-DPO (a token's rank counts the scored tokens of the slices before it) and WPO."""
 
 import os
 
@@ -13,22 +14,42 @@ import torch.multiprocessing as mp
 import fastdpo
 from fastdpo import reference
 
-B, T, V, D = 2, 12, 96, 16
-KW = dict(beta=0.3, shift=False, return_metrics=True)
+B, V, D = 2, 96, 16
+T_PADDED = 12
+LENGTHS = (7, 5, 9, 6)  # packed sequences: chosen 0, 1 then rejected 0, 1; 27 positions
 
 
-def _inputs():
-    gen = torch.Generator().manual_seed(99)
-    logits = torch.randn(2 * B, T, V, generator=gen) * 3
-    labels = torch.randint(0, V, (2 * B, T), generator=gen)
-    labels[:, :3] = -100  # prompts
-    labels[1, 9:] = -100  # right padding, all in the second slice
-    hidden = torch.randn(2 * B, T, D, generator=gen)
+def _float64_sequence_logps(logits, labels, **kw):
+    """The single-device float64 sums (the PyTorch path, whatever backend the worker tests)."""
+    backend = os.environ.pop("FASTDPO_BACKEND", None)
+    try:
+        return fastdpo.sequence_logps(logits.double(), labels, **kw)
+    finally:
+        if backend is not None:
+            os.environ["FASTDPO_BACKEND"] = backend
+
+
+def _inputs(seed: int, packed: bool):
+    """(logits, labels as the collator gives them, hidden, weight, ref sums, cu_seq_lens or None); logits ``[2B, T,
+    V]`` or ``[1, sum(LENGTHS), V]``."""
+    gen = torch.Generator().manual_seed(seed)
+    N, T = (1, sum(LENGTHS)) if packed else (2 * B, T_PADDED)
+    logits = torch.randn(N, T, V, generator=gen) * 3
+    labels = torch.randint(0, V, (N, T), generator=gen)
+    cu = None
+    if packed:
+        cu = torch.tensor([0, *LENGTHS]).cumsum(0)
+        for start, prompt in zip(cu[:-1].tolist(), (2, 0, 3, 1)):  # no prompt: the first token is a label
+            labels[0, start : start + prompt] = -100
+    else:
+        labels[:, :3] = -100  # prompts
+        labels[1, 9:] = -100  # right padding, all in the second slice
+    hidden = torch.randn(N, T, D, generator=gen)
     weight = torch.randn(V, D, generator=gen) * 0.5
     # references near the policy's own log-probs, so the sigmoid is not saturated and gradients are not tiny
-    seq = reference.sequence_logps(logits.double(), labels, shift=False).float()
-    ref = seq.view(2, B) + torch.randn(2, B, generator=gen)
-    return logits, labels, hidden, weight, ref
+    seq = _float64_sequence_logps(logits, labels, cu_seq_lens=cu)
+    ref = seq.float().view(2, B) + torch.randn(2, B, generator=gen)
+    return logits, labels, hidden, weight, ref, cu
 
 
 def _close(got, want, name, atol=1e-5):
@@ -39,56 +60,181 @@ def _check(out, truth, grad, truth_grad, what):
     _close(out.loss, truth.loss, f"{what} loss")
     for name, value in truth.metrics.items():
         _close(out.metrics[name], value, f"{what} {name}")
-    assert float(truth_grad.abs().max()) > 1e-3  # a gradient that a wrong scale cannot hide in the tolerance
-    _close(grad, truth_grad, f"{what} grad", atol=1e-6)
+    scale = float(truth_grad.abs().max())
+    assert scale > 1e-9  # a gradient a wrong scale could hide in: tolerances below are relative to its maximum
+    _close(grad, truth_grad, f"{what} grad", atol=1e-5 * scale)
 
 
-def _worker(rank, world, store, tp):
-    os.environ["FASTDPO_BACKEND"] = "torch"
+def _groups(rank, world, tp):
+    """(CP group, TP group or None, CP rank, TP rank) on a CP x TP grid, rank = cp_rank * tp + tp_rank."""
+    cp = world // tp
+    cp_rank, tp_rank = rank // tp, rank % tp
+    cp_groups = [dist.new_group([c * tp + t for c in range(cp)]) for t in range(tp)]
+    tp_groups = [dist.new_group([c * tp + t for t in range(tp)]) for c in range(cp)]
+    return cp_groups[tp_rank], tp_groups[cp_rank] if tp > 1 else None, cp_rank, tp_rank
+
+
+def _worker(rank, world, store, seed, tp, slices, packing, backend, loss_kw):
+    os.environ["FASTDPO_BACKEND"] = backend
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        cp = world // tp
-        cp_rank, tp_rank = rank // tp, rank % tp
-        # rank = cp_rank * tp + tp_rank: CP groups hold one TP rank each, TP groups one CP slice each
-        cp_groups = [dist.new_group([c * tp + t for c in range(cp)]) for t in range(tp)]
-        tp_groups = [dist.new_group([c * tp + t for t in range(tp)]) for c in range(cp)]
-        cp_group, tp_group = cp_groups[tp_rank], tp_groups[cp_rank]
-        logits, labels, hidden, weight, ref = _inputs()
-        t0, t1 = T * cp_rank // cp, T * (cp_rank + 1) // cp
+        cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
+        logits, labels, hidden, weight, ref, cu = _inputs(seed, packed=packing is not None)
+        t0, t1 = slices[cp_rank], slices[cp_rank + 1]
         v0, v1 = V * tp_rank // tp, V * (tp_rank + 1) // tp
+        kw = dict(shift=False, return_metrics=True, **loss_kw)
+        # the single-device truth scores the collator's labels with shift=True; each rank gets its slice of the
+        # shifted labels (fastdpo.shift_labels), boundary tokens included
+        truth_kw = dict(kw, shift=True, cu_seq_lens=cu)
+        aligned = fastdpo.shift_labels(labels, cu_seq_lens=cu)[:, t0:t1]
+        batch = {}
+        if packing == "cu_seq_lens":
+            batch["cu_seq_lens"] = cu
+        elif packing == "position_ids":  # this rank's slice of the packed row's position ids
+            batch["position_ids"] = torch.cat([torch.arange(n) for n in LENGTHS])[None, t0:t1]
+        vocab = dict(vocab_parallel_group=tp_group) if tp_group is not None else {}
+
         x = logits[:, t0:t1, v0:v1].clone().requires_grad_()
-        vocab = dict(vocab_parallel_group=tp_group) if tp > 1 else {}
-        out = fastdpo.dpo_loss(x, labels[:, t0:t1], *ref, context_parallel_group=cp_group, **vocab, **KW)
+        loss_module = fastdpo.DPOLoss(context_parallel_group=cp_group, **vocab, **kw)
+        out = loss_module(x, aligned, *ref, **batch)
+        kw.update(batch)
         out.loss.backward()
         full = logits.double().requires_grad_()
-        truth = reference.dpo_loss(full, labels, *ref.double(), **KW)
+        truth = reference.dpo_loss(full, labels, *ref.double(), **truth_kw)
         truth.loss.backward()
         _check(out, truth, x.grad, full.grad[:, t0:t1, v0:v1], "logits")
+
+        seq_kw = {k: v for k, v in kw.items() if k in ("shift", "cu_seq_lens", "position_ids", "ld_alpha")}
+        seq = fastdpo.sequence_logps(logits[:, t0:t1, v0:v1], aligned, context_parallel_group=cp_group, **vocab,
+                                     **seq_kw)  # fmt: skip
+        want = _float64_sequence_logps(logits, labels, cu_seq_lens=cu, ld_alpha=kw.get("ld_alpha"))
+        _close(seq, want, "sequence_logps")
+
         # fused-linear path: each rank projects its own positions through its rows of the head
         h = hidden[:, t0:t1].clone().requires_grad_()
         w = weight[v0:v1].clone().requires_grad_()
-        out = fastdpo.fused_linear_dpo_loss(h, w, labels[:, t0:t1], *ref, context_parallel_group=cp_group, **vocab,
-                                            **KW)  # fmt: skip
+        out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
         out.loss.backward()
         hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
-        truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **KW)
+        truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **truth_kw)
         truth.loss.backward()
         _check(out, truth, h.grad, hf.grad[:, t0:t1], "fused")
         # the head is replicated over CP: each rank holds its positions' share of its rows' dW; the sum is the full
         # gradient of those rows
         dist.all_reduce(w.grad, group=cp_group)
-        _close(w.grad, wf.grad[v0:v1], "fused dW (summed over CP ranks)", atol=1e-6)
+        _close(w.grad, wf.grad[v0:v1], "fused dW (summed over CP ranks)", atol=1e-5 * float(wf.grad.abs().max()))
         dist.barrier()  # no rank tears its groups down while another still talks
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["cp2", "cp2xtp2"])
-def test_context_parallel_matches_unsharded(world, tp, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), tp), nprocs=world, join=True)
+LD = dict(ld_alpha=0.6)
+CASES = {
+    # id: (world, tp, slices, packing, backend, loss keywords)
+    "cp2-torch": (2, 1, [0, 6, T_PADDED], None, "torch", dict(beta=0.3)),
+    "cp2-ld-triton": (2, 1, [0, 6, T_PADDED], None, "triton", dict(beta=0.3, **LD)),
+    "cp2xtp2-ld-torch": (4, 2, [0, 5, T_PADDED], None, "torch", dict(beta=0.3, **LD)),
+    "cp2-packed-ld-wpo-torch": (2, 1, [0, 10, 27], "cu_seq_lens", "torch", dict(beta=0.3, use_weighting=True, **LD)),
+    "cp2-packed-ld-triton": (2, 1, [0, 13, 27], "cu_seq_lens", "triton", dict(beta=0.3, **LD)),
+    # uneven slices; a slice (7..12) holding the end of one sequence and the start of the next, one inside a sequence
+    "cp4-packed-posids-ld-torch": (4, 1, [0, 5, 13, 16, 27], "position_ids", "torch", dict(beta=0.5, **LD)),
+    "cp2xtp2-packed-triton": (4, 2, [0, 14, 27], "cu_seq_lens", "triton", dict(beta=0.3, loss_type="robust",
+                                                                           label_smoothing=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_context_parallel_matches_unsharded(case, tmp_path):
+    world, tp, slices, packing, backend, loss_kw = CASES[case]
+    seed = int(torch.randint(2**31, ()))  # fresh inputs each run, replayable with FASTDPO_TEST_SEED
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed, tp, slices, packing, backend, loss_kw),
+             nprocs=world, join=True)  # fmt: skip
+
+
+def test_shift_labels_equals_shift():
+    """``shift=False`` on ``shift_labels(labels)`` is ``shift=True`` on ``labels``, padded and packed."""
+    logits = torch.randn(1, 27, V, dtype=torch.float64)
+    labels = torch.randint(0, V, (1, 27))
+    cu = torch.tensor([0, *LENGTHS]).cumsum(0)
+    for packing in (None, cu):
+        want = fastdpo.sequence_logps(logits, labels, cu_seq_lens=packing)
+        got = fastdpo.sequence_logps(logits, fastdpo.shift_labels(labels, cu_seq_lens=packing), shift=False,
+                                     cu_seq_lens=packing)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    assert torch.equal(fastdpo.shift_labels(labels, position_ids=position_ids), fastdpo.shift_labels(labels,
+                                                                                                  cu_seq_lens=cu))  # fmt: skip
 
 
 def test_context_parallel_needs_aligned_labels():
     with pytest.raises(ValueError, match="context_parallel_group needs shift=False"):
         fastdpo.dpo_loss(torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.long), reference_free=True,
                          context_parallel_group=object())  # fmt: skip
+
+
+def _layouts_worker(rank, world, store, seed, backend, result):
+    """Every layout of 4 ranks scores the same batch: one device (each rank alone), TP 2, TP 4, CP 2, CP 2 x TP 2.
+    Each rank records, per layout, the largest difference from the one-device result relative to its largest
+    magnitude: sequence sums, loss, and its own slice of the logits gradient."""
+    os.environ["FASTDPO_BACKEND"] = backend
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        N, T, W = 8, 40, 4 * 130
+        logits = torch.randn(N, T, W, generator=gen) * 4
+        labels = torch.randint(0, W, (N, T), generator=gen)
+        labels[:, :5] = -100
+        ref = torch.randn(2, N // 2, generator=gen) - 120
+        pairs_of_ranks = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        crossed = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        layouts = {  # name: (CP group, CP rank, CP size, TP group, TP rank, TP size)
+            "tp2": (None, 0, 1, pairs_of_ranks[rank // 2], rank % 2, 2),
+            "tp4": (None, 0, 1, dist.group.WORLD, rank, 4),
+            "cp2": (pairs_of_ranks[rank // 2], rank % 2, 2, None, 0, 1),
+            "cp2xtp2": (crossed[rank % 2], rank // 2, 2, pairs_of_ranks[rank // 2], rank % 2, 2),
+        }
+
+        def run(x, labels, **kw):
+            x = x.clone().requires_grad_()
+            seq = fastdpo.sequence_logps(x.detach(), labels, **kw)
+            out = fastdpo.dpo_loss(x, labels, *ref, beta=0.1, **kw)
+            out.loss.backward()
+            return seq, out.loss, x.grad
+
+        seq1, loss1, grad1 = run(logits, labels)
+        aligned = fastdpo.shift_labels(labels)
+        diffs = []
+        for cp_group, cp_rank, cp, tp_group, tp_rank, tp in layouts.values():
+            t0, t1 = T * cp_rank // cp, T * (cp_rank + 1) // cp
+            v0, v1 = W * tp_rank // tp, W * (tp_rank + 1) // tp
+            kw = dict(vocab_parallel_group=tp_group)
+            if cp_group is not None:
+                kw.update(context_parallel_group=cp_group, shift=False)
+                seq, loss, grad = run(logits[:, t0:t1, v0:v1], aligned[:, t0:t1], **kw)
+            else:
+                seq, loss, grad = run(logits[..., v0:v1], labels, **kw)
+            want = grad1[:, t0:t1, v0:v1]  # aligned label t is what logits[:, t] scores: the same positions
+            diffs.append([float((a - b).abs().max() / b.abs().max()) for a, b in ((seq, seq1), (loss, loss1),
+                                                                                  (grad, want))])  # fmt: skip
+        worst = torch.tensor(diffs, dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            torch.save(dict(zip(layouts, worst.tolist())), result)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_layouts_agree_to_float32_rounding(backend, tmp_path):
+    """TP 1/2/4 and CP 1/2 give the one-device results up to float32 rounding, not bitwise (the shards' log-sum-exps
+    are merged, and partial sums added, in another order): sequence sums within 2 float32 ulps of the largest; the
+    loss and its gradient within 64 ulps, because the loss reads differences of sums about 100x smaller than the
+    sums (ulps of -250 become relative errors of the margin). Prints the measured gaps."""
+    result = tmp_path / "gaps.pt"
+    seed = int(torch.randint(2**31, ()))
+    mp.spawn(_layouts_worker, args=(4, str(tmp_path / "store"), seed, backend, str(result)), nprocs=4, join=True)
+    gaps = torch.load(result)
+    print(f"\nlargest relative gap to one device ({backend}): sums, loss, grad:", gaps)
+    ulp = torch.finfo(torch.float32).eps
+    for layout, (sums, loss, grad) in gaps.items():
+        assert sums <= 2 * ulp and loss <= 64 * ulp and grad <= 64 * ulp, (layout, sums, loss, grad)

@@ -141,6 +141,9 @@ def _ddp_worker(rank: int, world: int, store: str, result: str):
     if rank == 0:
         torch.save(_param_grads(model), result)
     dist.barrier()  # no rank tears its group down while another still talks
+    # Free DDP's reducer while the group is registered: freed after destroy_process_group, the reducer holds the
+    # group's last reference and its destructor joins a gloo thread that waits for the GIL (a hang, 1 run in ~10).
+    del ddp
     dist.destroy_process_group()
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fastdpo._logps_outputs import STATS
+from fastdpo.context_parallel import collective_device
 from fastdpo.ops.fused_linear import compute_dtype
 from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw, stats_mask
 
@@ -205,7 +206,7 @@ def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if start is None:
         start = rank * V_local
-    mine = torch.tensor([start, V_local], dtype=torch.long, device=_collective_device(group))
+    mine = torch.tensor([start, V_local], dtype=torch.long, device=collective_device(group))
     ranges = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(ranges, mine, group=group)
     spans = sorted((int(a), int(a) + int(n)) for a, n in (r.tolist() for r in ranges))
@@ -214,11 +215,6 @@ def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
         raise ValueError(f"vocab shards must tile [0, V) in order without gaps or overlaps; got [start, end) = {spans}"
                          " (pass vocab_start_index for uneven shards)")  # fmt: skip
     return start, V_total
-
-
-def _collective_device(group) -> torch.device:
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def from_dtensor(logits):
