@@ -28,7 +28,7 @@ from fastdpo.ops.logps import select_backend
 # Every implementation, in the order tables and plots list them.
 NAMES = (
     "eager", "trl-selective", "compile", "compile-max-autotune", "trl-triton", "liger", "quack", "quack-inplace",
-    "fastdpo", "fastdpo-inplace",
+    "fastdpo", "fastdpo-inplace", "fastdpo-tp1",
 )  # fmt: skip
 
 
@@ -69,6 +69,23 @@ def eager(logits, labels):
 def _fastdpo(inplace: bool):
     def fn(logits, labels):
         return fastdpo.sequence_logps(logits, labels, shift=False, inplace_backward=inplace)
+
+    return fn
+
+
+def _fastdpo_tp1(device: torch.device):
+    """fastdpo's vocab-parallel path over a process group of one rank (NCCL on CUDA, gloo on the CPU): the same
+    kernels plus the shard merge's O(N) all-reduces, whose cost against ``fastdpo`` this row measures."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)  # fmt: skip
+    group = dist.new_group([0])
+
+    def fn(logits, labels):
+        return fastdpo.sequence_logps(logits, labels, shift=False, vocab_parallel_group=group)
 
     return fn
 
@@ -170,6 +187,8 @@ def get_providers(device: torch.device) -> dict[str, Provider]:
     providers["fastdpo-inplace"] = Provider(
         "fastdpo-inplace", _fastdpo(True), note=f"{fastdpo_note}, inplace_backward=True", clobbers_logits=True
     )
+    providers["fastdpo-tp1"] = Provider("fastdpo-tp1", _fastdpo_tp1(device),
+                                        note=f"{fastdpo_note}, vocab_parallel_group of one rank")  # fmt: skip
     return providers
 
 

@@ -23,6 +23,7 @@ def _passes(impl: str, mode: str, b: int) -> int:
         "floor": one_pass,
         "fastdpo": one_pass,
         "fastdpo-inplace": one_pass,
+        "fastdpo-tp1": one_pass,
         "trl-triton": one_pass,
         "quack": one_pass,
         "quack-inplace": one_pass,

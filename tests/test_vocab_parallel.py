@@ -208,3 +208,30 @@ def _fused_worker(rank, world, store, bounds, backend, use_dtensor):
 def test_fused_linear_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, backend, tmp_path):
     mp.spawn(_fused_worker, args=(world, str(tmp_path / "store"), bounds, backend, use_dtensor), nprocs=world,
              join=True)  # fmt: skip
+
+
+def _layout_worker(rank, world, store):
+    from fastdpo.ops import vocab_parallel as vp
+
+    os.environ["FASTDPO_BACKEND"] = "torch"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        logits = torch.randn(2, 5, 150)
+        labels = torch.randint(0, 150, (2, 5))
+        with pytest.raises(ValueError, match=r"vocab shards must tile \[0, V\).*\(0, 150\), \(100, 250\)"):
+            fastdpo.sequence_logps(logits, labels, vocab_parallel_group=dist.group.WORLD,
+                                   vocab_start_index=[0, 100][rank])  # fmt: skip
+        gathers = []
+        all_gather = vp.dist.all_gather
+        vp.dist.all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
+        first = fastdpo.sequence_logps(logits, labels, vocab_parallel_group=dist.group.WORLD)
+        second = fastdpo.sequence_logps(logits, labels, vocab_parallel_group=dist.group.WORLD)
+        assert len(gathers) == 1, "the shard layout is checked once per (group, shard), not per call"
+        assert torch.equal(first, second)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_layout_is_checked_once_and_rejects_overlaps(tmp_path):
+    mp.spawn(_layout_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)

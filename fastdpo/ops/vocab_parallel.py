@@ -199,13 +199,20 @@ def token_logps(logits, labels, options: LogpsOptions, group, start: int, V_tota
     return TokenOutputs(logp, entropy, stats, ref_logp, None)
 
 
+_LAYOUTS: dict[tuple, tuple[int, int]] = {}  # (group, V_local, start) -> (start, V_total), checked once
+
+
 def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
     """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
     with one all-gather: the shards must tile ``[0, V)`` without gap or overlap. Default ``start``: equal contiguous
-    shards in rank order."""
+    shards in rank order. The check runs on a (group, shard) the first time only, so that later calls cost no
+    collective and no host sync; every rank of the group must therefore change its shard in the same call."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if start is None:
         start = rank * V_local
+    key = (group, V_local, start)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
     mine = torch.tensor([start, V_local], dtype=torch.long, device=collective_device(group))
     ranges = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(ranges, mine, group=group)
@@ -214,6 +221,7 @@ def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
     if spans[0][0] != 0 or any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:])):
         raise ValueError(f"vocab shards must tile [0, V) in order without gaps or overlaps; got [start, end) = {spans}"
                          " (pass vocab_start_index for uneven shards)")  # fmt: skip
+    _LAYOUTS[key] = start, V_total
     return start, V_total
 
 
