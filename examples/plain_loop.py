@@ -17,11 +17,11 @@ import copy
 import random
 import sys
 
+import tiny
 import torch
 
 import fastdpo
 import fastdpo.integrations.transformers as fastdpo_hf
-import tiny
 
 
 def main() -> int:

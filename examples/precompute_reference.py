@@ -13,10 +13,10 @@ import argparse
 import random
 import sys
 
+import tiny
 import torch
 
 import fastdpo.integrations.transformers as fastdpo_hf
-import tiny
 
 
 def precompute(model, tokenizer, pairs, batch_pairs: int = 32) -> torch.Tensor:

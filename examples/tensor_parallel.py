@@ -17,6 +17,7 @@ import os
 import random
 import sys
 
+import tiny
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -24,7 +25,6 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 import fastdpo
-import tiny
 
 
 def main() -> int:

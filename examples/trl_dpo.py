@@ -15,10 +15,9 @@ import copy
 import sys
 import tempfile
 
+import tiny
 from datasets import Dataset
 from trl import DPOConfig
-
-import tiny
 
 
 def main() -> int:

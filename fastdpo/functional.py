@@ -2,9 +2,9 @@
 
 Shapes: N rows (sequences), T positions, V vocab. A DPO batch is TRL's concatenated batch: rows [0, B) are the
 chosen completions and rows [B, 2B) the rejected ones (N = 2B); a packed batch is one row of S = 2B sequences
-(``cu_seq_lens`` or ``position_ids``, see ``fastdpo.sequences``), paired the same way or by ``pairs``. ``labels`` are aligned with the input ids
-(``shift=True``: logits[:, t] scores labels[:, t + 1]) and hold ``ignore_index`` on unscored tokens, e.g.
-``labels = input_ids.masked_fill(completion_mask == 0, -100)``.
+(``cu_seq_lens`` or ``position_ids``, see ``fastdpo.sequences``), paired the same way or by ``pairs``. ``labels``
+are aligned with the input ids (``shift=True``: logits[:, t] scores labels[:, t + 1]) and hold ``ignore_index`` on
+unscored tokens, e.g. ``labels = input_ids.masked_fill(completion_mask == 0, -100)``.
 
 The logits are read in place (any strides with a unit-stride vocab dimension): nothing of size N x T x V is
 allocated in the forward, and the backward allocates one gradient buffer in the logits' dtype, or none with
@@ -205,8 +205,9 @@ def dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
         discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
     )  # fmt: skip
-    logits, ref_logits, vocab_parallel = _vocab_shard(logits, labels, ref_logits, vocab_parallel_group,
-                                                      vocab_start_index, shift=shift, ignore_index=ignore_index)  # fmt: skip
+    logits, ref_logits, vocab_parallel = _vocab_shard(
+        logits, labels, ref_logits, vocab_parallel_group, vocab_start_index, shift=shift, ignore_index=ignore_index
+    )
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index,
                                     check_values=vocab_parallel is None)  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)

@@ -27,8 +27,8 @@ from fastdpo import _pipeline, _validation
 from fastdpo._logps_outputs import TokenLogps, check_outputs
 from fastdpo.functional import make_layout, token_outputs
 from fastdpo.losses import DPOOutput, LossConfig
-from fastdpo.ops.fused_linear import FusedLinearOptions, fused_linear_logps
 from fastdpo.ops import vocab_parallel as vocab_parallel_op
+from fastdpo.ops.fused_linear import FusedLinearOptions, fused_linear_logps
 from fastdpo.ops.logps import TokenOutputs
 
 try:

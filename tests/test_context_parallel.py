@@ -162,8 +162,8 @@ def test_shift_labels_equals_shift():
                                      cu_seq_lens=packing)  # fmt: skip
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
-    assert torch.equal(fastdpo.shift_labels(labels, position_ids=position_ids), fastdpo.shift_labels(labels,
-                                                                                                  cu_seq_lens=cu))  # fmt: skip
+    by_positions = fastdpo.shift_labels(labels, position_ids=position_ids)
+    assert torch.equal(by_positions, fastdpo.shift_labels(labels, cu_seq_lens=cu))
 
 
 def test_context_parallel_needs_aligned_labels():

@@ -13,15 +13,15 @@ from hypothesis import strategies as st
 
 import fastdpo
 from fastdpo import reference
-from fastdpo.losses import F_DIVERGENCE_LOSS_TYPES, SORTING_LOSS_TYPES
 from fastdpo._testing import (
     assert_close_to_reference,
     downcast_slack,
-    make_labels,
     f_divergence_amplification,
+    make_labels,
     make_logits,
     propagated_slack,
 )
+from fastdpo.losses import F_DIVERGENCE_LOSS_TYPES, SORTING_LOSS_TYPES
 from fastdpo.ops.logps import select_backend
 
 FUZZ_EXAMPLES = 40

@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 
 import fastdpo
 from fastdpo import reference
-from fastdpo._testing import make_labels
 
 B, T, V = 2, 7, 300
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
@@ -235,3 +234,35 @@ def _layout_worker(rank, world, store):
 
 def test_shard_layout_is_checked_once_and_rejects_overlaps(tmp_path):
     mp.spawn(_layout_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+@pytest.mark.gpu
+def test_nccl_group_of_one_equals_plain_path():
+    """On CUDA with NCCL: the vocab- and context-parallel paths over a group of one rank give the plain path's loss
+    and gradient up to float32 rounding (the merge recomputes log l from e^(log l)): the loss within 1e-6, the bf16
+    gradient within one bf16 ulp of its largest entry."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        group = dist.new_group([0])
+        logits = (torch.randn(4, 64, 32000, device="cuda") * 3).to(torch.bfloat16)
+        labels = torch.randint(0, 32000, (4, 64), device="cuda")
+        labels[:, :10] = -100
+        ref = torch.randn(2, 2, device="cuda") - 600
+        results = []
+        for kw in ({}, dict(vocab_parallel_group=group),
+                   dict(vocab_parallel_group=group, context_parallel_group=group, shift=False)):  # fmt: skip
+            x = logits.clone().requires_grad_()
+            y = fastdpo.shift_labels(labels) if "context_parallel_group" in kw else labels
+            out = fastdpo.dpo_loss(x, y, *ref, beta=0.1, return_metrics=True, **kw)
+            out.loss.backward()
+            results.append((out, x.grad))
+        (plain, plain_grad), *others = results
+        for out, grad in others:
+            torch.testing.assert_close(out.loss, plain.loss, rtol=1e-6, atol=0)
+            for name, value in plain.metrics.items():
+                torch.testing.assert_close(out.metrics[name], value, rtol=1e-6, atol=1e-6, msg=name)
+            ulp = torch.finfo(torch.bfloat16).eps * float(plain_grad.abs().max())
+            torch.testing.assert_close(grad.float(), plain_grad.float(), rtol=0, atol=ulp)
+    finally:
+        dist.destroy_process_group()
