@@ -1,19 +1,23 @@
-"""Context parallel: every rank of a group holds a contiguous slice of the positions, in group-rank order (rank 0
-the first positions), with labels already aligned to them (``shift=False``).
+"""Context parallel: every rank of a group holds some of the positions of every row, with labels already aligned
+to them (``shift=False``; ``fastdpo.shift_labels`` before sharding).
 
-Padded batch ``[N, T, V]``: rank r holds positions ``[t_r, t_(r+1))`` of every row. Packed batch ``[1, total_T, V]``:
-rank r holds positions ``[t_r, t_(r+1))`` of the packed row, a sequence may cross slices, and ``cu_seq_lens`` gives
-the *whole* row's boundaries (``position_ids`` may be this rank's slice; the slices are all-gathered, total_T
-integers). Slices may be uneven; their sizes are all-gathered (one integer per rank) when the batch is packed.
+Which positions: by default contiguous slices in group-rank order (rank 0 the first positions; slices may be
+uneven). Any other assignment is given by ``positions`` ``[T_r]``, the position in the whole row of each of this
+rank's positions: the layout of torch's load-balanced ``context_parallel`` (rank r holds chunks r and 2 CP - 1 - r
+of 2 CP), which shards a ``torch.arange(T)`` buffer into exactly that. A packed batch ``[1, total_T, V]`` gives the
+whole row's boundaries in ``cu_seq_lens``, or this rank's share of ``position_ids``; its sequences may cross ranks.
 
-What crosses ranks (``[S]`` floats per reduction, nothing per token, nothing of size V):
-    sum_i = all_reduce_SUM(partial sum of sequence i over this slice)       (log-probs, counts, statistics)
-    rank of a token in its sequence (LD-DPO) = its rank within this slice + the sequence's scored tokens on the
-        slices before it                                                    (one all-gather of ``[S]`` counts)
+What crosses ranks (nothing of size V):
+    sum_i = all_reduce_SUM(partial sum of sequence i over this rank's positions)   ([S] floats: log-probs, token
+            counts, statistics; the order of positions does not matter)
+    LD-DPO's rank of a token in its sequence = cumsum of the whole row's scored mask, which one all-reduce of
+            ``[N, total_T]`` int32 assembles (4 bytes a position, only with ``ld_alpha``)
+    packed or LD-DPO: the slice lengths (default layout) or the largest position (given ``positions``), one integer
+            per rank, and the ``position_ids`` shares when they replace ``cu_seq_lens`` (8 bytes a position)
 The sums' backward passes the gradient through unchanged: every rank back-propagates the same (replicated) loss,
 so each rank's logits gradient is its slice of the unsharded one, with nothing scaled by the group size.
 
-Sums are all-reduced partial sums, so a sequence split across slices differs from its single-device sum by float32
+Sums are all-reduced partial sums, so a sequence spread over ranks differs from its single-device sum by float32
 rounding (the order of additions changes), not bitwise.
 """
 
@@ -47,57 +51,101 @@ class _SumAcrossRanks(torch.autograd.Function):
 
 
 class ContextParallelLayout(SequenceLayout):
-    """A ``SequenceLayout`` over this rank's slice whose per-sequence values are those of the whole sequences."""
+    """A ``SequenceLayout`` over this rank's positions whose per-sequence values are those of whole sequences.
+    ``positions``/``total``: this rank's positions in the whole row and its length; resolved on first use when
+    None (padded batches need them for LD-DPO only)."""
 
-    def __init__(self, labels: torch.Tensor, *, group, cu_seq_lens: torch.Tensor | None = None, offset: int = 0,
-                 total: int | None = None):  # fmt: skip
-        super().__init__(labels, shift=False, cu_seq_lens=cu_seq_lens, offset=offset, total=total)
+    def __init__(self, labels: torch.Tensor, *, group, cu_seq_lens: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, total: int | None = None):  # fmt: skip
+        super().__init__(labels, shift=False, cu_seq_lens=cu_seq_lens, positions=positions, total=total)
         self.group = group
+        self.positions, self.total = positions, total
 
     def sums(self, per_token: torch.Tensor) -> torch.Tensor:
         return _SumAcrossRanks.apply(super().sums(per_token), self.group)
 
     def label_counts(self, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        return _SumAcrossRanks.apply(super().label_counts(labels, ignore_index), self.group)
+        is_label = (labels != ignore_index).long()
+        if self.packed:
+            local = is_label.new_zeros(self.num_sequences).index_add_(0, self.row_sequence, is_label[0])
+        else:
+            local = is_label.sum(1)
+        return _SumAcrossRanks.apply(local, self.group)
 
     def rank(self, scored: torch.Tensor) -> torch.Tensor:
-        local = super().rank(scored)
-        counts = SequenceLayout.sums(self, scored.double()).long()  # [S] scored tokens of each sequence here
-        gathered = [torch.empty_like(counts) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(gathered, counts, group=self.group)
-        me = dist.get_rank(self.group)
-        before = torch.stack(gathered[:me]).sum(0) if me else torch.zeros_like(counts)
-        return local + self.broadcast(before)
+        if self.total is None:
+            self.positions, self.total = resolve_positions(self.positions, scored.shape[1], self.group, scored.device)
+        whole = scored.new_zeros((scored.shape[0], self.total), dtype=torch.int32)
+        whole[:, self.positions] = scored.to(torch.int32)
+        dist.all_reduce(whole, group=self.group)  # the whole row's scored mask (positions are disjoint)
+        running = whole.long().cumsum(1)
+        if self.packed:  # count from each sequence's start
+            sequence = torch.searchsorted(self.ends, torch.arange(self.total, device=scored.device), right=True)
+            before = torch.nn.functional.pad(running, (1, 0))[:, self.starts]
+            running = running - before[:, sequence]
+        return running[:, self.positions]
 
 
-def slice_sizes(T_local: int, group) -> list[int]:
-    """Every rank's slice length, in rank order (one all-gather of an integer per rank)."""
-    mine = torch.tensor([T_local], dtype=torch.long, device=collective_device(group))
-    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, mine, group=group)
-    return [int(s) for s in torch.cat(sizes).tolist()]
+def resolve_positions(positions: torch.Tensor | None, T_local: int, group, device) -> tuple[torch.Tensor, int]:
+    """(this rank's positions ``[T_r]`` in the whole row, the row's length). Default: contiguous slices in rank
+    order, from the slice lengths (one all-gather of an integer per rank). Given positions are checked to cover
+    ``[0, total)`` exactly once over the group (one all-reduce of ``total`` integers). One host sync."""
+    if positions is None:
+        mine = torch.tensor([T_local], dtype=torch.long, device=collective_device(group))
+        sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(sizes, mine, group=group)
+        sizes = [int(s) for s in torch.cat(sizes).tolist()]
+        offset = sum(sizes[: dist.get_rank(group)])
+        return torch.arange(offset, offset + T_local, device=device), sum(sizes)
+    largest = positions.max().to(device=collective_device(group), dtype=torch.long).reshape(1)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    total = int(largest) + 1
+    covered = torch.zeros(total, dtype=torch.int32, device=positions.device).index_add_(
+        0, positions, torch.ones_like(positions, dtype=torch.int32)
+    )
+    dist.all_reduce(covered, group=group)
+    if bool((covered != 1).any()) or bool((positions < 0).any()):
+        wrong = (covered != 1).nonzero().flatten().tolist()
+        raise ValueError(f"context_parallel_positions must hold every position of [0, {total}) on exactly one rank; "
+                         f"positions held by no rank or by several: {wrong}")  # fmt: skip
+    return positions, total
 
 
-def _gather_slices(x: torch.Tensor, group, sizes: list[int]) -> torch.Tensor:
-    """``[1, T_r]`` on each rank r -> ``[1, sum(sizes)]``, the slices concatenated in rank order."""
-    device = collective_device(group)
-    padded = torch.nn.functional.pad(x.to(device), (0, max(sizes) - x.shape[1]))  # all-gather wants equal shapes
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:, :n] for part, n in zip(parts, sizes)], dim=1).to(x.device)
-
-
-def make_layout(tensor: torch.Tensor, labels: torch.Tensor, *, group, cu_seq_lens, position_ids,
-                name: str = "logits") -> ContextParallelLayout:  # fmt: skip
-    """The layout of this rank's slice ``tensor`` ``[N, T_r, ...]`` (see the module docstring). A packed batch costs
-    one host sync more than on one device (the slice sizes)."""
-    if cu_seq_lens is None and position_ids is None:
-        return ContextParallelLayout(labels, group=group)
+def _check_positions(positions: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     T_local = tensor.shape[1]
-    sizes = slice_sizes(T_local, group)
-    offset, total = sum(sizes[: dist.get_rank(group)]), sum(sizes)
+    is_tensor = isinstance(positions, torch.Tensor)
+    if not is_tensor or positions.dtype.is_floating_point or positions.dtype == torch.bool or \
+            tuple(positions.shape) not in ((T_local,), (1, T_local)):  # fmt: skip
+        what = f"{tuple(positions.shape)} {positions.dtype}" if is_tensor else type(positions).__name__
+        raise ValueError(f"context_parallel_positions must be an integer tensor of shape ({T_local},) (or (1, "
+                         f"{T_local})), the position in the whole row of each of this rank's positions; got {what}")
+    if positions.device != tensor.device:
+        raise ValueError(f"context_parallel_positions must be on the logits' device {tensor.device}, got "
+                         f"{positions.device}")  # fmt: skip
+    return positions.reshape(-1).long()
+
+
+def _whole_row(values: torch.Tensor, positions: torch.Tensor, total: int, group) -> torch.Tensor:
+    """This rank's share ``[1, T_r]`` of a row -> the whole row ``[1, total]`` (one all-reduce of ``total``
+    integers: every position is held by exactly one rank)."""
+    device = collective_device(group)
+    whole = torch.zeros(1, total, dtype=torch.long, device=device)
+    whole[:, positions.to(device)] = values.to(device=device, dtype=torch.long)
+    dist.all_reduce(whole, group=group)
+    return whole.to(values.device)
+
+
+def make_layout(tensor: torch.Tensor, labels: torch.Tensor, *, group, cu_seq_lens, position_ids, positions=None,
+                name: str = "logits") -> ContextParallelLayout:  # fmt: skip
+    """The layout of this rank's share ``tensor`` ``[N, T_r, ...]`` of the positions (see the module docstring).
+    A packed batch costs one host sync more than on one device."""
+    if positions is not None:
+        positions = _check_positions(positions, tensor)
+    if cu_seq_lens is None and position_ids is None:
+        return ContextParallelLayout(labels, group=group, positions=positions)
+    positions, total = resolve_positions(positions, tensor.shape[1], group, tensor.device)
     if position_ids is not None:
-        _validation.check_position_ids(position_ids, tensor, name=name, what="this rank's slice: ")
-        position_ids = _gather_slices(position_ids, group, sizes)
+        _validation.check_position_ids(position_ids, tensor, name=name, what="this rank's share: ")
+        position_ids = _whole_row(position_ids, positions, total, group)
     cu_seq_lens = _validation.check_packing(tensor, cu_seq_lens, position_ids, name=name, total_T=total)
-    return ContextParallelLayout(labels, group=group, cu_seq_lens=cu_seq_lens, offset=offset, total=total)
+    return ContextParallelLayout(labels, group=group, cu_seq_lens=cu_seq_lens, positions=positions, total=total)

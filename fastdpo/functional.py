@@ -51,10 +51,13 @@ def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1
     return run
 
 
-def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_parallel_group, name="logits"):
+def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_parallel_group,
+                context_parallel_positions=None, name="logits"):  # fmt: skip
     """The ``SequenceLayout`` of a call: padded or packed, on one device or split along T over a context-parallel
     group (which needs labels already aligned with the positions, ``shift=False``)."""
     if context_parallel_group is None:
+        if context_parallel_positions is not None:
+            raise ValueError("context_parallel_positions needs context_parallel_group")
         return SequenceLayout(labels, shift=shift, cu_seq_lens=_validation.check_packing(
             tensor, cu_seq_lens, position_ids, name=name))  # fmt: skip
     if shift:
@@ -62,7 +65,8 @@ def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_par
                          "its positions (the boundary token's label comes from the next rank's slice; see "
                          "fastdpo.shift_labels)")  # fmt: skip
     return context_parallel.make_layout(tensor, labels, group=context_parallel_group, cu_seq_lens=cu_seq_lens,
-                                        position_ids=position_ids, name=name)  # fmt: skip
+                                        position_ids=position_ids, positions=context_parallel_positions,
+                                        name=name)  # fmt: skip
 
 
 def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_index):
@@ -140,6 +144,7 @@ def sequence_logps(
     vocab_parallel_group=None,
     vocab_start_index: int | None = None,
     context_parallel_group=None,
+    context_parallel_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum (or, with ``average=True``, mean over scored tokens) of each sequence's label log-probs.
 
@@ -148,13 +153,19 @@ def sequence_logps(
     no scored token gives 0. Under ``torch.no_grad()`` (a reference model) nothing of size N x T x V is
     allocated. With ``ld_alpha`` the batch is read as DPO pairs (``pairs``, default sequence i with B + i) and
     the sums are LD-DPO weighted, as ``dpo_loss`` weights them (what precomputed reference sums need).
+
+    Scaling out: ``vocab_parallel_group`` (+ ``vocab_start_index``) or a vocab-sharded DTensor: the logits are this
+    rank's vocab shard (``fastdpo.ops.vocab_parallel``). ``context_parallel_group`` (``shift=False``): they are
+    this rank's positions, contiguous slices in rank order or ``context_parallel_positions`` ``[T_r]``; packed
+    batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
     logits, _, vocab_parallel = _vocab_shard(logits, labels, None, vocab_parallel_group, vocab_start_index,
                                              shift=shift, ignore_index=ignore_index)  # fmt: skip
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
                                     check_values=vocab_parallel is None)  # fmt: skip
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
-                         context_parallel_group=context_parallel_group)  # fmt: skip
+                         context_parallel_group=context_parallel_group,
+                         context_parallel_positions=context_parallel_positions)  # fmt: skip
     source = logits_source(logits, shift=shift, ignore_index=ignore_index, temperature=temperature,
                            inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.sequence_sums(source, labels, layout, ignore_index=ignore_index, average=average,
@@ -189,6 +200,7 @@ def dpo_loss(
     vocab_parallel_group=None,
     vocab_start_index: int | None = None,
     context_parallel_group=None,
+    context_parallel_positions: torch.Tensor | None = None,
 ) -> DPOOutput:
     """DPO-family loss over TRL's concatenated (or packed) batch, from the policy logits in one fused sweep.
 
@@ -198,6 +210,11 @@ def dpo_loss(
     ``reference_free=True``. The loss keywords are TRL ``DPOConfig``'s (see ``fastdpo.losses``). Per-token
     statistics for ``return_metrics`` (entropy, mean logits, top-1) and ``use_weighting`` (log sum p^2) come
     from the same sweep.
+
+    Scaling out: ``vocab_parallel_group`` (+ ``vocab_start_index``) or a vocab-sharded DTensor: the logits are this
+    rank's vocab shard (``fastdpo.ops.vocab_parallel``). ``context_parallel_group`` (``shift=False``): they are
+    this rank's positions, contiguous slices in rank order or ``context_parallel_positions`` ``[T_r]``; packed
+    batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
     cfg = LossConfig(
         beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
@@ -212,7 +229,8 @@ def dpo_loss(
                                     check_values=vocab_parallel is None)  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
-                         context_parallel_group=context_parallel_group)  # fmt: skip
+                         context_parallel_group=context_parallel_group,
+                         context_parallel_positions=context_parallel_positions)  # fmt: skip
     source = logits_source(logits, ref_logits, shift=shift, ignore_index=ignore_index,
                            inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.preference(source, labels, layout, ref_chosen_logps, ref_rejected_logps, cfg,

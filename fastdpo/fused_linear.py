@@ -238,6 +238,7 @@ def fused_linear_sequence_logps(
     pairs: torch.Tensor | None = None,
     tile_elements: int | None = None,
     context_parallel_group=None,
+    context_parallel_positions: torch.Tensor | None = None,
     vocab_parallel_group=None,
     vocab_start_index: int | None = None,
 ) -> torch.Tensor:
@@ -249,7 +250,8 @@ def fused_linear_sequence_logps(
                   vocab_parallel=vocab_parallel)  # fmt: skip
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
     layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
-                         context_parallel_group=context_parallel_group, name="hidden")  # fmt: skip
+                         context_parallel_group=context_parallel_group,
+                         context_parallel_positions=context_parallel_positions, name="hidden")  # fmt: skip
     source = hidden_source(hidden, weight, bias, options, shift=shift, vocab_parallel=vocab_parallel)
     return _pipeline.sequence_sums(source, labels, layout, ignore_index=ignore_index, average=average,
                                    ld_alpha=ld_alpha, pairs=pairs)  # fmt: skip
@@ -288,6 +290,7 @@ def fused_linear_dpo_loss(
     final_logit_softcapping: float | None = None,
     tile_elements: int | None = None,
     context_parallel_group=None,
+    context_parallel_positions: torch.Tensor | None = None,
     vocab_parallel_group=None,
     vocab_start_index: int | None = None,
 ) -> DPOOutput:
@@ -319,7 +322,8 @@ def fused_linear_dpo_loss(
     reference = _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias, vocab_parallel)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
     layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
-                         context_parallel_group=context_parallel_group, name="hidden")  # fmt: skip
+                         context_parallel_group=context_parallel_group,
+                         context_parallel_positions=context_parallel_positions, name="hidden")  # fmt: skip
     source = hidden_source(hidden, weight, bias, options, shift=shift, reference=reference,
                            vocab_parallel=vocab_parallel)  # fmt: skip
     return _pipeline.preference(source, labels, layout, ref_chosen_logps, ref_rejected_logps, cfg,

@@ -50,11 +50,12 @@ def pairwise_sums(x: torch.Tensor) -> torch.Tensor:
 class SequenceLayout:
     """Maps per-token rows ``[N, T - shift]`` to S sequences (S = N when padded).
 
-    ``offset``/``total``: this tensor is positions ``[offset, offset + T)`` of a packed row of ``total`` positions
-    (a context-parallel slice; ``cu_seq_lens`` then gives the whole row's boundaries). Default: the whole row."""
+    ``positions``/``total`` (context parallel, ``shift=False``): row t is position ``positions[t]`` of a packed row
+    of ``total`` positions, whose boundaries ``cu_seq_lens`` gives; only the packed sums use them here
+    (``fastdpo.context_parallel`` handles the rest). Default: the rows are the whole row."""
 
     def __init__(self, labels: torch.Tensor, *, shift: bool, cu_seq_lens: torch.Tensor | None = None,
-                 offset: int = 0, total: int | None = None):  # fmt: skip
+                 positions: torch.Tensor | None = None, total: int | None = None):  # fmt: skip
         self.shift = int(shift)
         self.packed = cu_seq_lens is not None
         N, T = labels.shape
@@ -64,12 +65,10 @@ class SequenceLayout:
             return
         cu = cu_seq_lens.to(device=labels.device, dtype=torch.long)
         self.num_sequences = cu.numel() - 1
-        self.starts, self.ends = cu[:-1], cu[1:]  # label positions [start, end) of each sequence, in the whole row
+        self.starts, self.ends = cu[:-1], cu[1:]  # label positions [start, end) of each sequence
         # rows scoring sequence i: label positions start..end-1, i.e. rows start - shift .. end - 1 - shift
-        self.local_starts = (self.starts - offset).clamp(0, T)
-        self.local_ends = (self.ends - offset).clamp(0, T)
-        self.row_start = (self.local_starts - self.shift).clamp(0, self.T_rows)
-        rows = torch.arange(self.T_rows, device=labels.device) + offset  # positions in the whole row
+        self.row_start = (self.starts - self.shift).clamp(0, self.T_rows)
+        rows = torch.arange(self.T_rows, device=labels.device) if positions is None else positions
         self.row_sequence = torch.searchsorted(self.ends, rows + self.shift, right=True)  # sequence of each row's label
         self._block_sums_index(rows, cu, T if total is None else total)
 
@@ -100,7 +99,7 @@ class SequenceLayout:
         """Labels with each packed sequence's first token unscored (shifted, it would read the previous one)."""
         if not (self.packed and self.shift):
             return labels
-        return labels.index_fill(1, self.local_starts, ignore_index)
+        return labels.index_fill(1, self.starts, ignore_index)
 
     def sums(self, per_token: torch.Tensor) -> torch.Tensor:
         """``[N, T - shift]`` -> ``[S]`` sums per sequence (differentiable)."""
@@ -133,7 +132,7 @@ class SequenceLayout:
         if not self.packed:
             return is_label.sum(1)
         prefix = torch.nn.functional.pad(is_label[0].cumsum(0), (1, 0))
-        return prefix[self.local_ends] - prefix[self.local_starts]
+        return prefix[self.ends] - prefix[self.starts]
 
 
 def shift_labels(labels: torch.Tensor, *, ignore_index: int = -100, cu_seq_lens: torch.Tensor | None = None,

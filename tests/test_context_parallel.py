@@ -16,7 +16,7 @@ from fastdpo import reference
 
 B, V, D = 2, 96, 16
 T_PADDED = 12
-LENGTHS = (7, 5, 9, 6)  # packed sequences: chosen 0, 1 then rejected 0, 1; 27 positions
+LENGTHS = (7, 5, 9, 7)  # packed sequences: chosen 0, 1 then rejected 0, 1; 28 positions
 
 
 def _float64_sequence_logps(logits, labels, **kw):
@@ -74,27 +74,44 @@ def _groups(rank, world, tp):
     return cp_groups[tp_rank], tp_groups[cp_rank] if tp > 1 else None, cp_rank, tp_rank
 
 
-def _worker(rank, world, store, seed, tp, slices, packing, backend, loss_kw):
+def _positions(layout, cp_rank, cp, T):
+    """(this CP rank's positions, whether to pass them): contiguous ``[bounds]`` in rank order (the default layout),
+    ``"torch"``: what torch's load-balanced ``context_parallel`` gives this rank (a sharded ``arange``), or explicit
+    per-rank position lists."""
+    if layout == "torch":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+
+        positions = torch.arange(T)
+        with context_parallel(init_device_mesh("cpu", (cp,)), buffers=[positions], buffer_seq_dims=[0],
+                              no_restore_buffers={positions}):  # fmt: skip
+            return positions.clone(), True
+    if isinstance(layout[0], int):
+        return torch.arange(layout[cp_rank], layout[cp_rank + 1]), False
+    return torch.tensor(layout[cp_rank]), True
+
+
+def _worker(rank, world, store, seed, tp, layout, packing, backend, loss_kw):
     os.environ["FASTDPO_BACKEND"] = backend
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
         logits, labels, hidden, weight, ref, cu = _inputs(seed, packed=packing is not None)
-        t0, t1 = slices[cp_rank], slices[cp_rank + 1]
+        pos, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1])
         v0, v1 = V * tp_rank // tp, V * (tp_rank + 1) // tp
         kw = dict(shift=False, return_metrics=True, **loss_kw)
-        # the single-device truth scores the collator's labels with shift=True; each rank gets its slice of the
+        # the single-device truth scores the collator's labels with shift=True; each rank gets its positions of the
         # shifted labels (fastdpo.shift_labels), boundary tokens included
         truth_kw = dict(kw, shift=True, cu_seq_lens=cu)
-        aligned = fastdpo.shift_labels(labels, cu_seq_lens=cu)[:, t0:t1]
-        batch = {}
+        aligned = fastdpo.shift_labels(labels, cu_seq_lens=cu)[:, pos]
+        batch = dict(context_parallel_positions=pos) if explicit else {}
         if packing == "cu_seq_lens":
             batch["cu_seq_lens"] = cu
-        elif packing == "position_ids":  # this rank's slice of the packed row's position ids
-            batch["position_ids"] = torch.cat([torch.arange(n) for n in LENGTHS])[None, t0:t1]
+        elif packing == "position_ids":  # this rank's share of the packed row's position ids
+            batch["position_ids"] = torch.cat([torch.arange(n) for n in LENGTHS])[None, pos]
         vocab = dict(vocab_parallel_group=tp_group) if tp_group is not None else {}
 
-        x = logits[:, t0:t1, v0:v1].clone().requires_grad_()
+        x = logits[:, pos, v0:v1].clone().requires_grad_()
         loss_module = fastdpo.DPOLoss(context_parallel_group=cp_group, **vocab, **kw)
         out = loss_module(x, aligned, *ref, **batch)
         kw.update(batch)
@@ -102,23 +119,23 @@ def _worker(rank, world, store, seed, tp, slices, packing, backend, loss_kw):
         full = logits.double().requires_grad_()
         truth = reference.dpo_loss(full, labels, *ref.double(), **truth_kw)
         truth.loss.backward()
-        _check(out, truth, x.grad, full.grad[:, t0:t1, v0:v1], "logits")
+        _check(out, truth, x.grad, full.grad[:, pos, v0:v1], "logits")
 
-        seq_kw = {k: v for k, v in kw.items() if k in ("shift", "cu_seq_lens", "position_ids", "ld_alpha")}
-        seq = fastdpo.sequence_logps(logits[:, t0:t1, v0:v1], aligned, context_parallel_group=cp_group, **vocab,
+        seq_kw = {k: v for k, v in kw.items() if k in ("shift", "ld_alpha", *batch)}
+        seq = fastdpo.sequence_logps(logits[:, pos, v0:v1], aligned, context_parallel_group=cp_group, **vocab,
                                      **seq_kw)  # fmt: skip
         want = _float64_sequence_logps(logits, labels, cu_seq_lens=cu, ld_alpha=kw.get("ld_alpha"))
         _close(seq, want, "sequence_logps")
 
         # fused-linear path: each rank projects its own positions through its rows of the head
-        h = hidden[:, t0:t1].clone().requires_grad_()
+        h = hidden[:, pos].clone().requires_grad_()
         w = weight[v0:v1].clone().requires_grad_()
         out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
         out.loss.backward()
         hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
         truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **truth_kw)
         truth.loss.backward()
-        _check(out, truth, h.grad, hf.grad[:, t0:t1], "fused")
+        _check(out, truth, h.grad, hf.grad[:, pos], "fused")
         # the head is replicated over CP: each rank holds its positions' share of its rows' dW; the sum is the full
         # gradient of those rows
         dist.all_reduce(w.grad, group=cp_group)
@@ -129,32 +146,37 @@ def _worker(rank, world, store, seed, tp, slices, packing, backend, loss_kw):
 
 
 LD = dict(ld_alpha=0.6)
+# 4 ranks' positions in no rank order, each rank's own out of order too, a rank holding pieces of three sequences
+SCATTERED = [[27, 0, 1, 14, 15], [2, 3, 4, 5, 6, 7, 20, 21], [8, 9, 10, 11, 12, 13], [16, 17, 18, 19, 22, 23, 24, 25, 26]]
 CASES = {
-    # id: (world, tp, slices, packing, backend, loss keywords)
+    # id: (world, tp, layout: contiguous bounds, "torch" (load-balanced) or position lists, packing, backend, loss)
     "cp2-torch": (2, 1, [0, 6, T_PADDED], None, "torch", dict(beta=0.3)),
     "cp2-ld-triton": (2, 1, [0, 6, T_PADDED], None, "triton", dict(beta=0.3, **LD)),
+    "cp2-torchlayout-ld-torch": (2, 1, "torch", None, "torch", dict(beta=0.3, **LD)),
     "cp2xtp2-ld-torch": (4, 2, [0, 5, T_PADDED], None, "torch", dict(beta=0.3, **LD)),
-    "cp2-packed-ld-wpo-torch": (2, 1, [0, 10, 27], "cu_seq_lens", "torch", dict(beta=0.3, use_weighting=True, **LD)),
-    "cp2-packed-ld-triton": (2, 1, [0, 13, 27], "cu_seq_lens", "triton", dict(beta=0.3, **LD)),
+    "cp2-packed-ld-wpo-torch": (2, 1, [0, 10, 28], "cu_seq_lens", "torch", dict(beta=0.3, use_weighting=True, **LD)),
+    "cp2-packed-ld-triton": (2, 1, [0, 13, 28], "cu_seq_lens", "triton", dict(beta=0.3, **LD)),
+    "cp2-packed-torchlayout-posids-ld-triton": (2, 1, "torch", "position_ids", "triton", dict(beta=0.3, **LD)),
     # uneven slices; a slice (7..12) holding the end of one sequence and the start of the next, one inside a sequence
-    "cp4-packed-posids-ld-torch": (4, 1, [0, 5, 13, 16, 27], "position_ids", "torch", dict(beta=0.5, **LD)),
-    "cp2xtp2-packed-triton": (4, 2, [0, 14, 27], "cu_seq_lens", "triton", dict(beta=0.3, loss_type="robust",
+    "cp4-packed-posids-ld-torch": (4, 1, [0, 5, 13, 16, 28], "position_ids", "torch", dict(beta=0.5, **LD)),
+    "cp4-packed-scattered-ld-torch": (4, 1, SCATTERED, "cu_seq_lens", "torch", dict(beta=0.5, **LD)),
+    "cp2xtp2-packed-triton": (4, 2, [0, 14, 28], "cu_seq_lens", "triton", dict(beta=0.3, loss_type="robust",
                                                                            label_smoothing=0.1)),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_context_parallel_matches_unsharded(case, tmp_path):
-    world, tp, slices, packing, backend, loss_kw = CASES[case]
+    world, tp, layout, packing, backend, loss_kw = CASES[case]
     seed = int(torch.randint(2**31, ()))  # fresh inputs each run, replayable with FASTDPO_TEST_SEED
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed, tp, slices, packing, backend, loss_kw),
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed, tp, layout, packing, backend, loss_kw),
              nprocs=world, join=True)  # fmt: skip
 
 
 def test_shift_labels_equals_shift():
     """``shift=False`` on ``shift_labels(labels)`` is ``shift=True`` on ``labels``, padded and packed."""
-    logits = torch.randn(1, 27, V, dtype=torch.float64)
-    labels = torch.randint(0, V, (1, 27))
+    logits = torch.randn(1, sum(LENGTHS), V, dtype=torch.float64)
+    labels = torch.randint(0, V, (1, sum(LENGTHS)))
     cu = torch.tensor([0, *LENGTHS]).cumsum(0)
     for packing in (None, cu):
         want = fastdpo.sequence_logps(logits, labels, cu_seq_lens=packing)
@@ -238,3 +260,31 @@ def test_shard_layouts_agree_to_float32_rounding(backend, tmp_path):
     ulp = torch.finfo(torch.float32).eps
     for layout, (sums, loss, grad) in gaps.items():
         assert sums <= 2 * ulp and loss <= 64 * ulp and grad <= 64 * ulp, (layout, sums, loss, grad)
+
+
+def test_context_parallel_positions_errors():
+    logits, labels = torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="context_parallel_positions needs context_parallel_group"):
+        fastdpo.dpo_loss(logits, labels, reference_free=True, shift=False, context_parallel_positions=torch.arange(4))
+    for bad in (torch.arange(5), torch.arange(4.0), torch.arange(8).view(2, 4)):
+        with pytest.raises(ValueError, match=r"context_parallel_positions must be an integer tensor of shape \(4,\)"):
+            fastdpo.dpo_loss(logits, labels, reference_free=True, shift=False, context_parallel_group=object(),
+                             context_parallel_positions=bad)  # fmt: skip
+
+
+def _overlap_worker(rank, world, store):
+    os.environ["FASTDPO_BACKEND"] = "torch"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        logits, labels = torch.randn(1, 3, 8), torch.randint(0, 8, (1, 3))
+        positions = torch.tensor([[0, 1, 2], [2, 3, 5]][rank])  # position 2 on both ranks, 4 on none
+        with pytest.raises(ValueError, match=r"held by no rank or by several: \[2, 4\]"):
+            fastdpo.sequence_logps(logits, labels, shift=False, cu_seq_lens=torch.tensor([0, 3, 6]),
+                                   context_parallel_group=dist.group.WORLD, context_parallel_positions=positions)  # fmt: skip
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_context_parallel_positions_must_tile_the_row(tmp_path):
+    mp.spawn(_overlap_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
