@@ -12,8 +12,11 @@ What crosses ranks (nothing of size V):
             counts, statistics; the order of positions does not matter)
     LD-DPO's rank of a token in its sequence = cumsum of the whole row's scored mask, which one all-reduce of
             ``[N, total_T]`` int32 assembles (4 bytes a position, only with ``ld_alpha``)
-    packed or LD-DPO: the slice lengths (default layout) or the largest position (given ``positions``), one integer
-            per rank, and the ``position_ids`` shares when they replace ``cu_seq_lens`` (8 bytes a position)
+    packed or LD-DPO: the slice lengths (default layout: an integer per rank), or for given ``positions`` their
+            range and count (three integers per rank) and a check that each position is held once (4 bytes a
+            position); the ``position_ids`` shares when they replace ``cu_seq_lens`` (8 bytes a position)
+Padded batches without LD-DPO use no position at all (the sums do not depend on the order), so ``positions`` is
+not checked there. Every rank needs at least one position.
 The sums' backward passes the gradient through unchanged: every rank back-propagates the same (replicated) loss,
 so each rank's logits gradient is its slice of the unsharded one, with nothing scaled by the group size.
 
@@ -30,10 +33,12 @@ from fastdpo import _validation
 from fastdpo.sequences import SequenceLayout
 
 
-def collective_device(group) -> torch.device:
-    """Where a collective's host-built tensors live: the current CUDA device for NCCL, else the CPU."""
-    backend = dist.get_backend(group)
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+def collective_device(group, like: torch.device | None = None) -> torch.device:
+    """Where a collective's host-built tensors live: for NCCL the data's CUDA device (``like``) or else the current
+    one, for other backends the CPU."""
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
 class _SumAcrossRanks(torch.autograd.Function):
@@ -88,23 +93,30 @@ class ContextParallelLayout(SequenceLayout):
 
 def resolve_positions(positions: torch.Tensor | None, T_local: int, group, device) -> tuple[torch.Tensor, int]:
     """(this rank's positions ``[T_r]`` in the whole row, the row's length). Default: contiguous slices in rank
-    order, from the slice lengths (one all-gather of an integer per rank). Given positions are checked to cover
-    ``[0, total)`` exactly once over the group (one all-reduce of ``total`` integers). One host sync."""
+    order, from the slice lengths (one all-gather of an integer per rank, one host sync). Given positions are
+    checked on every rank alike: in range and as many as the row's length (one all-gather of three integers per
+    rank), then each held by exactly one rank (one all-reduce of 4 bytes a position); two host syncs."""
+    cdev = collective_device(group, device)
+    world = dist.get_world_size(group)
     if positions is None:
-        mine = torch.tensor([T_local], dtype=torch.long, device=collective_device(group))
-        sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        mine = torch.tensor([T_local], dtype=torch.long, device=cdev)
+        sizes = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(sizes, mine, group=group)
         sizes = [int(s) for s in torch.cat(sizes).tolist()]
         offset = sum(sizes[: dist.get_rank(group)])
         return torch.arange(offset, offset + T_local, device=device), sum(sizes)
-    largest = positions.max().to(device=collective_device(group), dtype=torch.long).reshape(1)
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
-    total = int(largest) + 1
-    covered = torch.zeros(total, dtype=torch.int32, device=positions.device).index_add_(
-        0, positions, torch.ones_like(positions, dtype=torch.int32)
-    )
+    mine = torch.stack([positions.min(), positions.max(), torch.tensor(T_local, device=positions.device)])
+    ranks = [torch.empty_like(mine, device=cdev) for _ in range(world)]
+    dist.all_gather(ranks, mine.to(cdev), group=group)
+    lows, highs, sizes = torch.stack(ranks).T.tolist()
+    total = sum(sizes)
+    if min(lows) < 0 or max(highs) >= total:  # every rank sees the same numbers, so every rank raises
+        raise ValueError(f"context_parallel_positions must lie in [0, {total}) (the group holds {total} positions), "
+                         f"got positions from {min(lows)} to {max(highs)}")  # fmt: skip
+    covered = torch.zeros(total, dtype=torch.int32, device=cdev)
+    covered.index_add_(0, positions.to(cdev), torch.ones(T_local, dtype=torch.int32, device=cdev))
     dist.all_reduce(covered, group=group)
-    if bool((covered != 1).any()) or bool((positions < 0).any()):
+    if bool((covered != 1).any()):
         wrong = (covered != 1).nonzero().flatten().tolist()
         raise ValueError(f"context_parallel_positions must hold every position of [0, {total}) on exactly one rank; "
                          f"positions held by no rank or by several: {wrong}")  # fmt: skip
@@ -128,7 +140,7 @@ def _check_positions(positions: torch.Tensor, tensor: torch.Tensor) -> torch.Ten
 def _whole_row(values: torch.Tensor, positions: torch.Tensor, total: int, group) -> torch.Tensor:
     """This rank's share ``[1, T_r]`` of a row -> the whole row ``[1, total]`` (one all-reduce of ``total``
     integers: every position is held by exactly one rank)."""
-    device = collective_device(group)
+    device = collective_device(group, values.device)
     whole = torch.zeros(1, total, dtype=torch.long, device=device)
     whole[:, positions.to(device)] = values.to(device=device, dtype=torch.long)
     dist.all_reduce(whole, group=group)

@@ -76,14 +76,15 @@ def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_inde
         if group is not None or start is not None:
             raise ValueError("a DTensor of logits carries its own group and offsets: do not pass "
                              "vocab_parallel_group / vocab_start_index with it")  # fmt: skip
-        logits, group, start = vocab_parallel_op.from_dtensor(logits)
+        logits, group, start, V_total = vocab_parallel_op.from_dtensor(logits)
         if ref_logits is not None and isinstance(ref_logits, DTensor):
             ref_logits = vocab_parallel_op.from_dtensor(ref_logits)[0]
-    if group is None:
+    elif group is None:
         if start is not None:
             raise ValueError("vocab_start_index needs vocab_parallel_group")
         return logits, ref_logits, None
-    start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start)
+    else:
+        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device)
     _validation.check_label_values(labels, V_total, ignore_index, first_scored=int(shift))
     return logits, ref_logits, (group, start, V_total)
 

@@ -103,11 +103,12 @@ def _lm_head(weight, bias, group, start):
     if DTensor is not None and isinstance(weight, DTensor):
         if start is not None:
             raise ValueError("a DTensor weight carries its own offsets: do not pass vocab_start_index with it")
-        weight, group, start = vocab_parallel_op.head_from_dtensor(weight, group)
+        weight, group, start, V_total = vocab_parallel_op.head_from_dtensor(weight, group)
         bias = bias.to_local() if DTensor is not None and isinstance(bias, DTensor) else bias
-    elif not isinstance(group, dist.ProcessGroup):  # a 1-D DeviceMesh
+        return weight, bias, (group, start, V_total)
+    if not isinstance(group, dist.ProcessGroup):  # a 1-D DeviceMesh
         group = group.get_group()
-    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start)
+    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start, weight.device)
     return weight, bias, (group, start, V_total)
 
 

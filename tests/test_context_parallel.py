@@ -277,10 +277,13 @@ def _overlap_worker(rank, world, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         logits, labels = torch.randn(1, 3, 8), torch.randint(0, 8, (1, 3))
-        positions = torch.tensor([[0, 1, 2], [2, 3, 5]][rank])  # position 2 on both ranks, 4 on none
-        with pytest.raises(ValueError, match=r"held by no rank or by several: \[2, 4\]"):
-            fastdpo.sequence_logps(logits, labels, shift=False, cu_seq_lens=torch.tensor([0, 3, 6]),
-                                   context_parallel_group=dist.group.WORLD, context_parallel_positions=positions)  # fmt: skip
+        kw = dict(shift=False, cu_seq_lens=torch.tensor([0, 3, 6]), context_parallel_group=dist.group.WORLD)
+        # every rank raises, whichever rank holds the bad position (no rank is left waiting in a collective)
+        for bad, message in (([[0, 1, 2], [2, 3, 5]], r"held by no rank or by several: \[2, 4\]"),
+                             ([[0, 1, 2], [3, 4, -1]], r"must lie in \[0, 6\).*from -1 to 4"),
+                             ([[0, 1, 2], [3, 4, 60]], r"must lie in \[0, 6\).*from 0 to 60")):  # fmt: skip
+            with pytest.raises(ValueError, match=message):
+                fastdpo.sequence_logps(logits, labels, context_parallel_positions=torch.tensor(bad[rank]), **kw)
         dist.barrier()
     finally:
         dist.destroy_process_group()

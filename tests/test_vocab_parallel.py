@@ -210,29 +210,46 @@ def test_fused_linear_vocab_parallel_matches_unsharded(world, bounds, use_dtenso
 
 
 def _layout_worker(rank, world, store):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
     from fastdpo.ops import vocab_parallel as vp
 
     os.environ["FASTDPO_BACKEND"] = "torch"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        logits = torch.randn(2, 5, 150)
-        labels = torch.randint(0, 150, (2, 5))
-        with pytest.raises(ValueError, match=r"vocab shards must tile \[0, V\).*\(0, 150\), \(100, 250\)"):
-            fastdpo.sequence_logps(logits, labels, vocab_parallel_group=dist.group.WORLD,
-                                   vocab_start_index=[0, 100][rank])  # fmt: skip
+        gen = torch.Generator().manual_seed(5)
+        logits, labels = torch.randn(2, 5, 10, generator=gen), torch.randint(0, 10, (2, 5), generator=gen)
+        labels[0, 1:] = 9  # scored by the last shard
+        want = reference.sequence_logps(logits.double(), labels)
+        with pytest.raises(ValueError, match=r"vocab shards must tile \[0, V\).*\(0, 5\), \(3, 8\)"):
+            fastdpo.sequence_logps(logits[..., [0, 3][rank] : [5, 8][rank]], labels.clamp(max=7),
+                                   vocab_parallel_group=dist.group.WORLD, vocab_start_index=[0, 3][rank])  # fmt: skip
         gathers = []
         all_gather = vp.dist.all_gather
         vp.dist.all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
-        first = fastdpo.sequence_logps(logits, labels, vocab_parallel_group=dist.group.WORLD)
-        second = fastdpo.sequence_logps(logits, labels, vocab_parallel_group=dist.group.WORLD)
-        assert len(gathers) == 1, "the shard layout is checked once per (group, shard), not per call"
-        assert torch.equal(first, second)
+        # the vocabulary grows on one rank only (rank 0 keeps [0, 4), rank 1 goes from [4, 8) to [4, 10)): every
+        # rank checks the layout on every call, so rank 0 neither skips the collective nor keeps the old V
+        sub = labels.clamp(max=7)
+        got = fastdpo.sequence_logps(logits[..., :8][..., [0, 4][rank] : [4, 8][rank]], sub,
+                                     vocab_parallel_group=dist.group.WORLD)  # fmt: skip
+        _close(got, reference.sequence_logps(logits[..., :8].double(), sub), "V = 8")
+        got = fastdpo.sequence_logps(logits[..., [0, 4][rank] : [4, 10][rank]], labels,
+                                     vocab_parallel_group=dist.group.WORLD, vocab_start_index=[0, 4][rank])  # fmt: skip
+        _close(got, want, "V = 10, uneven")
+        assert len(gathers) == 2
+        # a DTensor carries its layout: no collective to check it
+        local = logits[..., 5 * rank : 5 * (rank + 1)]
+        mesh = init_device_mesh("cpu", (world,))
+        d = DTensor.from_local(local, mesh, [Shard(2)], run_check=False, shape=(2, 5, 10), stride=(50, 10, 1))
+        _close(fastdpo.sequence_logps(d, labels), want, "DTensor")
+        assert len(gathers) == 2, "a DTensor's layout needs no all-gather"
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_shard_layout_is_checked_once_and_rejects_overlaps(tmp_path):
+def test_shard_layout_checked_every_call_and_free_for_dtensors(tmp_path):
     mp.spawn(_layout_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
 
 

@@ -199,21 +199,16 @@ def token_logps(logits, labels, options: LogpsOptions, group, start: int, V_tota
     return TokenOutputs(logp, entropy, stats, ref_logp, None)
 
 
-_LAYOUTS: dict[tuple, tuple[int, int]] = {}  # (group, V_local, start) -> (start, V_total), checked once
-
-
-def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
+def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None) -> tuple[int, int]:
     """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
-    with one all-gather: the shards must tile ``[0, V)`` without gap or overlap. Default ``start``: equal contiguous
-    shards in rank order. The check runs on a (group, shard) the first time only, so that later calls cost no
-    collective and no host sync; every rank of the group must therefore change its shard in the same call."""
+    with one all-gather of two integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
+    overlap. Default ``start``: equal contiguous shards in rank order. Every call checks (a rank that skipped the
+    collective because its own shard did not change would hang the others); a DTensor carries its layout and needs
+    no check (``from_dtensor``, ``head_from_dtensor``)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if start is None:
         start = rank * V_local
-    key = (group, V_local, start)
-    if key in _LAYOUTS:
-        return _LAYOUTS[key]
-    mine = torch.tensor([start, V_local], dtype=torch.long, device=collective_device(group))
+    mine = torch.tensor([start, V_local], dtype=torch.long, device=collective_device(group, device))
     ranges = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(ranges, mine, group=group)
     spans = sorted((int(a), int(a) + int(n)) for a, n in (r.tolist() for r in ranges))
@@ -221,12 +216,11 @@ def shard_layout(V_local: int, group, start: int | None) -> tuple[int, int]:
     if spans[0][0] != 0 or any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:])):
         raise ValueError(f"vocab shards must tile [0, V) in order without gaps or overlaps; got [start, end) = {spans}"
                          " (pass vocab_start_index for uneven shards)")  # fmt: skip
-    _LAYOUTS[key] = start, V_total
     return start, V_total
 
 
 def from_dtensor(logits):
-    """(local shard, process group, first vocab id) of a DTensor sharded on its last dimension over a 1-D mesh
+    """(local shard, process group, first vocab id, global vocab size) of a DTensor sharded on its last dimension over a 1-D mesh
     (``ColwiseParallel(output_layouts=Shard(-1))``); the shard keeps the DTensor's autograd link."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -237,11 +231,11 @@ def from_dtensor(logits):
         raise ValueError(f"a DTensor of logits must be sharded on the vocab dimension over a 1-D mesh (Shard(2)), "
                          f"got placements {placements} on a {logits.device_mesh.ndim}-D mesh")  # fmt: skip
     _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, placements)
-    return logits.to_local(), logits.device_mesh.get_group(), int(offset[-1])
+    return logits.to_local(), logits.device_mesh.get_group(), int(offset[-1]), logits.shape[-1]
 
 
 def head_from_dtensor(weight, group):
-    """(local rows, process group, first vocab id) of an LM-head weight DTensor sharded on its rows over a 1-D mesh
+    """(local rows, process group, first vocab id, global vocab size) of an LM-head weight DTensor sharded on its rows over a 1-D mesh
     (``Shard(0)``, as ``ColwiseParallel`` leaves ``lm_head.weight``); ``group`` (the mesh or its process group) must
     be that mesh's. The local rows keep the DTensor's autograd link."""
     from torch.distributed.device_mesh import DeviceMesh
@@ -255,4 +249,4 @@ def head_from_dtensor(weight, group):
     if group is not mesh and group != mesh.get_group() and not (isinstance(group, DeviceMesh) and group == mesh):
         raise ValueError("vocab_parallel_group must be the weight DTensor's device mesh (or its process group)")
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, placements)
-    return weight.to_local(), mesh.get_group(), int(offset[0])
+    return weight.to_local(), mesh.get_group(), int(offset[0]), weight.shape[0]
