@@ -199,15 +199,26 @@ def token_logps(logits, labels, options: LogpsOptions, group, start: int, V_tota
     return TokenOutputs(logp, entropy, stats, ref_logp, None)
 
 
-def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None) -> tuple[int, int]:
+def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None):
     """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
     with one all-gather of two integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
     overlap. Default ``start``: equal contiguous shards in rank order. Every call checks (a rank that skipped the
     collective because its own shard did not change would hang the others); a DTensor carries its layout and needs
-    no check (``from_dtensor``, ``head_from_dtensor``)."""
+    no check (``from_dtensor``, ``head_from_dtensor``).
+
+    Under ``torch.compile`` the layout is not checked (a graph cannot branch on gathered values; the other value
+    checks are skipped there too): V is ``world * V_local`` for the default shards, else a 0-d tensor, the sum of
+    the shard sizes (one all-reduce, no host sync)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    if start is None:
+    default = start is None
+    if default:
         start = rank * V_local
+    if torch.compiler.is_compiling():
+        if default:
+            return start, world * V_local
+        V_total = torch.tensor(V_local, dtype=torch.float32, device=collective_device(group, device))
+        dist.all_reduce(V_total, group=group)
+        return start, V_total
     mine = torch.tensor([start, V_local], dtype=torch.long, device=collective_device(group, device))
     ranges = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(ranges, mine, group=group)
