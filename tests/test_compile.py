@@ -106,6 +106,8 @@ def _distributed_worker(rank, world, store):
         hidden, weight = torch.randn(2 * B, T, D, generator=gen), torch.randn(V, D, generator=gen) / 4
         ref = torch.randn(2, B, generator=gen) - 20
         aligned = fastdpo.shift_labels(labels)
+        cu = torch.tensor([0, 3, 8, 12, 2 * B * T])  # the batch's rows read back to back as one packed row
+        packed_aligned = fastdpo.shift_labels(labels.reshape(1, -1), cu_seq_lens=cu)
         group, half, cut = dist.group.WORLD, T // 2, [0, 20, V]
         t, v = slice(half * rank, half * (rank + 1)), slice(cut[rank], cut[rank + 1])
         cases = {  # name: (loss function, its input)
@@ -117,6 +119,11 @@ def _distributed_worker(rank, world, store):
                                               context_parallel_group=group), logits[:, t]),
             "fused-tp": (lambda w: fastdpo.fused_linear_dpo_loss(hidden, w, labels, *ref, vocab_parallel_group=group,
                                                                  vocab_start_index=cut[rank]), weight[v]),
+            # host syncs (the packed row's sizes): compiles with graph breaks, not fullgraph
+            "cp-packed-ld": (lambda x: fastdpo.dpo_loss(x, packed_aligned[:, 16 * rank : 16 * (rank + 1)], *ref,
+                                                        shift=False, context_parallel_group=group, cu_seq_lens=cu,
+                                                        ld_alpha=0.5),
+                             logits.reshape(1, -1, V)[:, 16 * rank : 16 * (rank + 1)]),
         }  # fmt: skip
         for name, (fn, x) in cases.items():
             def loss(x):
@@ -125,7 +132,7 @@ def _distributed_worker(rank, world, store):
 
             torch._dynamo.reset()
             eager, eager_grads = _grads(loss, x)
-            compiled, compiled_grads = _grads(torch.compile(loss, fullgraph=True), x)
+            compiled, compiled_grads = _grads(torch.compile(loss, fullgraph=name != "cp-packed-ld"), x)
             for a, b in zip(compiled + compiled_grads, eager + eager_grads):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         dist.barrier()
@@ -134,8 +141,9 @@ def _distributed_worker(rank, world, store):
 
 
 def test_vocab_and_context_parallel_compile_fullgraph(tmp_path):
-    """The vocab-parallel (logits and fused-linear) and context-parallel paths compile with ``fullgraph=True`` on 2
-    gloo ranks and match eager: under compile the shard layout is not checked, so no host sync breaks the graph."""
+    """The vocab-parallel (logits and fused-linear) and padded context-parallel paths compile with ``fullgraph=True``
+    on 2 gloo ranks and match eager (under compile the shard layout is not checked, so no host sync breaks the
+    graph); packed context parallelism with LD-DPO compiles with graph breaks and matches eager."""
     import torch.multiprocessing as mp
 
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
