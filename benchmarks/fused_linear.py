@@ -21,6 +21,7 @@ import argparse
 import itertools
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--V", nargs="+", type=int)
     p.add_argument("--mode", nargs="+", choices=("fwd", "fwd_bwd"), default=["fwd", "fwd_bwd"])
     p.add_argument("--fresh", action="store_true", help="replace the results file instead of merging into it")
+    p.add_argument("--budget-s", type=float, help="start no new size after this many seconds")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -222,7 +224,11 @@ def main(argv=None) -> int:
               "git_dirty": dirty, "command": command}  # fmt: skip
     runnable = {n: fn for n, (fn, why) in chosen.items() if not why}
     rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
-    for D, V, N in sizes:
+    start = time.monotonic()
+    for done, (D, V, N) in enumerate(sizes):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: {len(sizes) - done} sizes not run")
+            break
         floor = measure_floor(N, D, V, dtype, device)
         inputs = make_inputs(N, D, V, dtype, device)
         for (impl, fn), mode in itertools.product(runnable.items(), args.mode):

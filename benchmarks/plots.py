@@ -79,3 +79,22 @@ def plot_all(rows: list[dict], out: Path, slug: str) -> str:
         plt.close(fig)
         written.append(path)
     return "plots: " + ", ".join(str(p) for p in written) if written else "plots: no timed rows to plot"
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.plots RESULTS.json ...``: draw the plots of results files written elsewhere (a GPU
+    session's sweep is run with ``--no-plots``; its JSON is plotted where it is committed)."""
+    import json
+    import sys
+
+    paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    if not paths:
+        print("usage: python -m benchmarks.plots RESULTS.json ...")
+        return 2
+    for path in paths:
+        print(plot_all(json.loads(path.read_text())["rows"], path.parent, path.stem))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,7 +45,16 @@ def parse_args(argv):
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--fresh", action="store_true", help="replace the results file instead of merging into it")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--budget-s", type=float, help="start no new size after this many seconds (a GPU lease is short): "
+                   "the headline size (N 8192, V 128256, bf16) runs first, the rest in sweep order")  # fmt: skip
     return p.parse_args(argv)
+
+
+def by_priority(sizes: list[shapes.Size]) -> list[shapes.Size]:
+    """The headline size (the issue's target, ``shapes.PLOT_N`` x ``shapes.PLOT_V`` in bf16) first, then the rest
+    in sweep order, so a sweep cut short by ``--budget-s`` still measures the size the targets are stated at."""
+    headline = [s for s in sizes if (s.N, s.V, s.dtype) == (shapes.PLOT_N, shapes.PLOT_V, "bfloat16")]
+    return headline + [s for s in sizes if s not in headline]
 
 
 def git_commit() -> tuple[str | None, bool | None]:
@@ -175,7 +185,8 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         timing.keep_freed_memory()
     torch.manual_seed(0)
-    sizes = shapes.sweep(args.quick, args.N, args.V, args.dtype)
+    sizes = by_priority(shapes.sweep(args.quick, args.N, args.V, args.dtype))
+    start = time.monotonic()
     everything = providers.get_providers(device)
     chosen = [everything[name] for name in (args.impl or everything)]
     unavailable = {p.name: p.unavailable for p in chosen if p.unavailable}
@@ -191,7 +202,10 @@ def main(argv=None) -> int:
         "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
     }  # fmt: skip
     rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
-    for size in sizes:
+    for done, size in enumerate(sizes):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: {len(sizes) - done} sizes not run")
+            break
         floor = timing.measure_floor(size.N * size.V, size.torch_dtype, device)
         inputs = shapes.make_inputs(size, device)
         for provider in runnable:

@@ -93,3 +93,10 @@ def test_sizes_split_into_sequences():
     full = shapes.sweep(quick=False)
     assert len(full) == len(shapes.TOKENS) * len(shapes.VOCABS) + 1
     assert full[-1] == shapes.Size(*shapes.FP32_POINT, "float32")
+
+
+def test_budget_order_puts_the_headline_size_first():
+    sizes = shapes.sweep(False)
+    ordered = run.by_priority(sizes)
+    assert (ordered[0].N, ordered[0].V, ordered[0].dtype) == (shapes.PLOT_N, shapes.PLOT_V, "bfloat16")
+    assert sorted(ordered, key=sizes.index) == sizes  # the same sizes, nothing lost or repeated

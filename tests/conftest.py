@@ -37,6 +37,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["triton", "torch"])
+def cpu_backend(request, monkeypatch):
+    """``backend`` for tests whose tensors are CPU tensors (gloo process groups): their Triton runs need the
+    interpreter, which is on only where no GPU is (a CUDA session covers the kernels through ``device``)."""
+    if request.param == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors through Triton need TRITON_INTERPRET=1 (set where no GPU is)")
+    monkeypatch.setenv("FASTDPO_BACKEND", request.param)
+    return request.param
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

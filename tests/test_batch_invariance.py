@@ -12,22 +12,22 @@ from fastdpo.ops import fused_linear as fused_op
 IGNORE = -100
 
 
-def _sequences(lengths, V, D=None, dtype=torch.float32):
+def _sequences(lengths, V, device, D=None, dtype=torch.float32):
     """One (inputs [L, V] logits or [L, D] hidden, labels [L]) per length: a random prompt, then the completion."""
     out = []
     for L in lengths:
         x = torch.randn(L, V) * 3 if D is None else torch.randn(L, D)
         labels = torch.randint(0, V, (L,))
         labels[: int(torch.randint(1, max(2, L // 2), ()))] = IGNORE
-        out.append((x.to(dtype), labels))
+        out.append((x.to(device, dtype), labels.to(device)))
     return out
 
 
 def _batch(seqs, order, T):
     """Rows ``order`` of ``seqs`` right-padded to T with random inputs and ignored labels."""
-    width, dtype = seqs[0][0].shape[1], seqs[0][0].dtype
-    x = (torch.randn(len(order), T, width) * 3).to(dtype)
-    labels = torch.full((len(order), T), IGNORE)
+    width, dtype, device = seqs[0][0].shape[1], seqs[0][0].dtype, seqs[0][0].device
+    x = (torch.randn(len(order), T, width, device=device) * 3).to(dtype)
+    labels = torch.full((len(order), T), IGNORE, device=device)
     for row, k in enumerate(order):
         L = seqs[k][0].shape[0]
         x[row, :L], labels[row, :L] = seqs[k]
@@ -37,7 +37,7 @@ def _batch(seqs, order, T):
 def _packed(seqs, order):
     x = torch.cat([seqs[k][0] for k in order]).unsqueeze(0)
     labels = torch.cat([seqs[k][1] for k in order]).unsqueeze(0)
-    lengths = torch.tensor([seqs[k][0].shape[0] for k in order])
+    lengths = torch.tensor([seqs[k][0].shape[0] for k in order], device=seqs[0][0].device)
     return x, labels, torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
 
 
@@ -79,9 +79,9 @@ def _assert_all_equal(results):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_logits_path_sequence_logps(backend, dtype):
+def test_logits_path_sequence_logps(backend, dtype, device):
     # V > 2048: several forward blocks per row, so a block size chosen by the statistics would change the bits
-    seqs = _sequences([17, 40, 3, 29, 2, 33], V=3000, dtype=dtype)
+    seqs = _sequences([17, 40, 3, 29, 2, 33], V=3000, device=device, dtype=dtype)
 
     def plain(logits, labels):
         return fastdpo.sequence_logps(logits, labels)
@@ -100,8 +100,8 @@ def test_logits_path_sequence_logps(backend, dtype):
     _assert_all_equal(results)
 
 
-def test_logits_path_token_logps(backend):
-    seqs = _sequences([9, 21, 12, 15], V=2500)
+def test_logits_path_token_logps(backend, device):
+    seqs = _sequences([9, 21, 12, 15], V=2500, device=device)
 
     def tokens(logits, labels):  # the first 8 rows exist in every layout
         out = fastdpo.token_logps(logits, labels, outputs=("log_probs", "entropy"))
@@ -111,11 +111,11 @@ def test_logits_path_token_logps(backend):
 
 
 @pytest.mark.parametrize("tile_elements", [None, 32 * 700], ids=["one-tile", "tiles-of-32-rows"])
-def test_fused_linear_path(backend, tile_elements):
+def test_fused_linear_path(backend, tile_elements, device):
     V, D = 700, 256
-    seqs = _sequences([70, 9, 45, 100, 3, 60], V=V, D=D)
-    weight = torch.randn(V, D) * 2 / D**0.5
-    bias = torch.randn(V) * 0.5
+    seqs = _sequences([70, 9, 45, 100, 3, 60], V=V, D=D, device=device)
+    weight = (torch.randn(V, D) * 2 / D**0.5).to(device)
+    bias = (torch.randn(V) * 0.5).to(device)
 
     def score(hidden, labels):
         return fastdpo.fused_linear_sequence_logps(hidden, weight, labels, bias=bias, tile_elements=tile_elements)

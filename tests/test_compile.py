@@ -24,11 +24,11 @@ def _grads(fn, *tensors):
     return out, torch.autograd.grad(out[0], leaves)
 
 
-def test_dpo_loss_compiles_fullgraph(backend):
+def test_dpo_loss_compiles_fullgraph(backend, device):
     B, T, V = 2, 8, 300
-    logits = make_logits(2 * B, T, V, torch.float32, "cpu")
-    labels = make_labels(2 * B, T, V, "cpu")
-    ref_c, ref_r = torch.randn(B) - 20, torch.randn(B) - 20
+    logits = make_logits(2 * B, T, V, torch.float32, device)
+    labels = make_labels(2 * B, T, V, device)
+    ref_c, ref_r = torch.randn(B, device=device) - 20, torch.randn(B, device=device) - 20
 
     def loss(x):
         out = fastdpo.dpo_loss(x, labels, ref_c, ref_r, beta=0.2, loss_type=["sigmoid", "sft"],
@@ -41,12 +41,12 @@ def test_dpo_loss_compiles_fullgraph(backend):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_linear_dpo_loss_compiles_fullgraph(backend):
+def test_fused_linear_dpo_loss_compiles_fullgraph(backend, device):
     B, T, D, V = 2, 7, 16, 200
-    hidden = torch.randn(2 * B, T, D)
-    weight = torch.randn(V, D) * 0.3
-    bias = torch.randn(V) * 0.1
-    labels = make_labels(2 * B, T, V, "cpu")
+    hidden = torch.randn(2 * B, T, D, device=device)
+    weight = torch.randn(V, D, device=device) * 0.3
+    bias = torch.randn(V, device=device) * 0.1
+    labels = make_labels(2 * B, T, V, device)
 
     def loss(h, w, b):
         out = fastdpo.fused_linear_dpo_loss(h, w, labels, bias=b, reference_free=True, final_logit_softcapping=5.0,

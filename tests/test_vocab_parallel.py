@@ -116,8 +116,8 @@ def _worker(rank, world, store, bounds, backend, use_dtensor):
     ],
     ids=["tp2", "tp2-uneven", "tp4", "dtensor2"],
 )
-def test_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, backend, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), bounds, backend, use_dtensor), nprocs=world, join=True)
+def test_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, cpu_backend, tmp_path):
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), bounds, cpu_backend, use_dtensor), nprocs=world, join=True)
 
 
 D = 24
@@ -204,8 +204,8 @@ def _fused_worker(rank, world, store, bounds, backend, use_dtensor):
     [(2, [0, 150, V], False), (4, [0, 41, 150, 151, V], False), (2, [0, 150, V], True)],
     ids=["tp2", "tp4-uneven", "dtensor2"],
 )
-def test_fused_linear_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, backend, tmp_path):
-    mp.spawn(_fused_worker, args=(world, str(tmp_path / "store"), bounds, backend, use_dtensor), nprocs=world,
+def test_fused_linear_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, cpu_backend, tmp_path):
+    mp.spawn(_fused_worker, args=(world, str(tmp_path / "store"), bounds, cpu_backend, use_dtensor), nprocs=world,
              join=True)  # fmt: skip
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything a lent GPU is for, in one device call, most important first, each step within its own time budget so
+# that a short lease still brings back the first ones:
+#   1. the machine: GPU name, torch / CUDA / Triton versions;
+#   2. correctness on CUDA: the test files whose tensors follow the `device` fixture (kernels, ops, API, loss family,
+#      robustness, batch invariance, fused linear, torch.compile), and the NCCL group-of-one test;
+#   3. the logits sweep (`benchmarks.run`), the headline size (N 8192, V 128256, bf16) first;
+#   4. the fused-linear sweep (`benchmarks.fused_linear`).
+# Run from the repository root. The peers (TRL, Liger-Kernel, QuACK) are used when their wheels are carried in .whl/
+# (benchmarks/README.md says how to download them). Output: $OUT (the device tool's folder; default
+# benchmarks/results/gpu-session) gets session.log and the two sweeps' JSON and CSV, 5 files (the device tool
+# brings back 8 at most); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
+# Budgets (seconds) can be changed through the environment:
+#   TEST_BUDGET_S (default 150), BENCH_BUDGET_S (240), FUSED_BUDGET_S (90): about 9 minutes in all, inside the
+#   device tool's 10-minute limit for one command. SWEEP_ARGS is added to both sweeps' arguments (e.g. `--quick`
+#   for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep).
+#
+#   device run: command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu-session}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/session.log"
+
+step() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
+
+step "machine"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  2>&1 | tee -a "$LOG"
+
+step "tests on CUDA (budget ${TEST_BUDGET_S:-150} s)"
+timeout "${TEST_BUDGET_S:-150}" python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
+  tests/test_kernels_logps.py tests/test_ops_logps.py tests/test_api.py tests/test_batch_invariance.py \
+  tests/test_fused_linear.py tests/test_dpo_family.py tests/test_robustness.py tests/test_compile.py \
+  "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" 2>&1 | tail -60 >>"$LOG"
+echo "tests exit code: $?" | tee -a "$LOG"
+
+step "logits sweep (budget ${BENCH_BUDGET_S:-240} s)"
+timeout $(( ${BENCH_BUDGET_S:-240} + 120 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-240}" \
+  --out "$OUT" --no-plots ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -80 >>"$LOG"
+
+step "fused-linear sweep (budget ${FUSED_BUDGET_S:-90} s)"
+timeout $(( ${FUSED_BUDGET_S:-90} + 60 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-90}" \
+  --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
+step "done"
