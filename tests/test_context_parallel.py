@@ -130,7 +130,12 @@ def _worker(rank, world, store, seed, tp, layout, packing, backend, loss_kw):
         # fused-linear path: each rank projects its own positions through its rows of the head
         h = hidden[:, pos].clone().requires_grad_()
         w = weight[v0:v1].clone().requires_grad_()
-        out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
+        if packing is None:
+            out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
+        else:  # the module, the per-batch tensors given to forward
+            config = {k: v for k, v in kw.items() if k not in batch}
+            module = fastdpo.FusedLinearDPOLoss(context_parallel_group=cp_group, **vocab, **config)
+            out = module(h, w, aligned, *ref, **batch)
         out.loss.backward()
         hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
         truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **truth_kw)
