@@ -8,11 +8,12 @@
 #   4. the fused-linear sweep (`benchmarks.fused_linear`).
 # Run from the repository root. The peers (TRL, Liger-Kernel, QuACK) are used when their wheels are carried in .whl/
 # (benchmarks/README.md says how to download them). Output: $OUT (the device tool's folder; default
-# benchmarks/results/gpu-session) gets session.log and the two sweeps' JSON and CSV, 5 files (the device tool
-# brings back 8 at most); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
-# Budgets (seconds) can be changed through the environment:
-#   TEST_BUDGET_S (default 150), BENCH_BUDGET_S (240), FUSED_BUDGET_S (90): about 9 minutes in all, inside the
-#   device tool's 10-minute limit for one command. SWEEP_ARGS is added to both sweeps' arguments (e.g. `--quick`
+# benchmarks/results/gpu-session) gets session.log, tests.log and the two sweeps' JSON and CSV, 6 files (the device
+# tool brings back 8 at most); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
+# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 150), BENCH_BUDGET_S (200),
+# FUSED_BUDGET_S (60). A sweep starts no new size past its budget, and each step is killed at its budget plus a
+# margin for the size in flight (tests 20 s, sweeps 60 s and 40 s): 530 s in all with the defaults, inside the
+# device tool's 600 s for one command. SWEEP_ARGS is added to both sweeps' arguments (e.g. `--quick`
 #   for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep).
 #
 #   device run: command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600
@@ -33,18 +34,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   2>&1 | tee -a "$LOG"
 
-step "tests on CUDA (budget ${TEST_BUDGET_S:-150} s)"
-timeout "${TEST_BUDGET_S:-150}" python3 -m pytest -q -p no:cacheprovider --maxfail=25 \
+step "tests on CUDA (budget ${TEST_BUDGET_S:-150} s; all of pytest's output in tests.log)"
+# SIGINT first: pytest then still prints its summary and the failures
+timeout -s INT -k 15 "${TEST_BUDGET_S:-150}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
+  "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" \
   tests/test_kernels_logps.py tests/test_ops_logps.py tests/test_api.py tests/test_batch_invariance.py \
   tests/test_fused_linear.py tests/test_dpo_family.py tests/test_robustness.py tests/test_compile.py \
-  "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" 2>&1 | tail -60 >>"$LOG"
-echo "tests exit code: $?" | tee -a "$LOG"
+  >"$OUT/tests.log" 2>&1
+echo "tests exit code: $?; summary: $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"
 
-step "logits sweep (budget ${BENCH_BUDGET_S:-240} s)"
-timeout $(( ${BENCH_BUDGET_S:-240} + 120 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-240}" \
+step "logits sweep (budget ${BENCH_BUDGET_S:-200} s)"
+timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-200} + 60 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-200}" \
   --out "$OUT" --no-plots ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -80 >>"$LOG"
 
-step "fused-linear sweep (budget ${FUSED_BUDGET_S:-90} s)"
-timeout $(( ${FUSED_BUDGET_S:-90} + 60 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-90}" \
+step "fused-linear sweep (budget ${FUSED_BUDGET_S:-60} s)"
+timeout -s INT -k 10 $(( ${FUSED_BUDGET_S:-60} + 40 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-60}" \
   --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
 step "done"

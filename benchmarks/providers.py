@@ -76,18 +76,23 @@ def _fastdpo(inplace: bool):
 def _fastdpo_tp1(device: torch.device):
     """fastdpo's vocab-parallel path over a process group of one rank (NCCL on CUDA, gloo on the CPU): the same
     kernels plus the shard merge's O(N) all-reduces, whose cost against ``fastdpo`` this row measures."""
-    import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device if device.type == "cuda" else None)  # fmt: skip
-    group = dist.new_group([0])
+    def make():
+        import torch.distributed as dist
 
-    def fn(logits, labels):
-        return fastdpo.sequence_logps(logits, labels, shift=False, vocab_parallel_group=group)
+        if not dist.is_initialized():
+            cuda = device.type == "cuda"  # NCCL wants a device with an index
+            device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device_id)  # fmt: skip
+        group = dist.new_group([0])
 
-    return fn
+        def fn(logits, labels):
+            return fastdpo.sequence_logps(logits, labels, shift=False, vocab_parallel_group=group)
+
+        return fn
+
+    return make
 
 
 def _trl_selective():
@@ -151,7 +156,7 @@ def _compile(mode: str | None):
 
 
 def _needs(module: str, device: torch.device, cuda: bool, make: Callable[[], Callable]):
-    """(fn, reason): the reason names the missing package or device; the import error when it breaks."""
+    """(fn, reason): the reason names the missing package or device; the error when its setup breaks."""
     if importlib.util.find_spec(module) is None:
         return None, f"`{module}` is not installed"
     if cuda and device.type != "cuda":
@@ -159,7 +164,7 @@ def _needs(module: str, device: torch.device, cuda: bool, make: Callable[[], Cal
     try:
         return make(), None
     except Exception as exc:  # a broken third-party install is reported, not fatal to the sweep
-        return None, f"import failed: {type(exc).__name__}: {exc}"
+        return None, f"setup failed: {type(exc).__name__}: {exc}"
 
 
 def get_providers(device: torch.device) -> dict[str, Provider]:
@@ -187,7 +192,8 @@ def get_providers(device: torch.device) -> dict[str, Provider]:
     providers["fastdpo-inplace"] = Provider(
         "fastdpo-inplace", _fastdpo(True), note=f"{fastdpo_note}, inplace_backward=True", clobbers_logits=True
     )
-    providers["fastdpo-tp1"] = Provider("fastdpo-tp1", _fastdpo_tp1(device),
+    fn, reason = _needs("torch.distributed", device, False, _fastdpo_tp1(device))
+    providers["fastdpo-tp1"] = Provider("fastdpo-tp1", fn, reason,
                                         note=f"{fastdpo_note}, vocab_parallel_group of one rank")  # fmt: skip
     return providers
 

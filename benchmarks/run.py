@@ -58,7 +58,8 @@ def by_priority(sizes: list[shapes.Size]) -> list[shapes.Size]:
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD's sha, whether tracked files differ from it), or (None, None) outside a git checkout."""
+    """(HEAD's sha, whether tracked files other than the results differ from it), or (None, None) outside a git
+    checkout. The results folder is left out: rerunning a sweep rewrites its own results file."""
 
     def git(*args):
         return subprocess.run(
@@ -67,7 +68,8 @@ def git_commit() -> tuple[str | None, bool | None]:
 
     try:
         head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        results = RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent).as_posix()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", f":(top,exclude){results}")
     except (OSError, subprocess.SubprocessError):
         return None, None
     if head.returncode:

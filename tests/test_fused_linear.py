@@ -265,7 +265,7 @@ def test_dtensor_weight_is_gathered(tmp_path):
         dist.destroy_process_group()
 
 
-def test_autocast_and_strided_hidden(backend):
+def test_autocast_and_strided_hidden(cpu_backend):
     """Under autocast the GEMMs run in the autocast dtype (as ``nn.Linear`` would); a strided hidden view is read
     without the caller copying it. Gradients come back in the inputs' float32."""
     B, T, D, V = 2, 7, 16, 150

@@ -31,7 +31,7 @@ def test_errors_name_the_argument(device):
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=0.0), ValueError, "temperature"),
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=math.inf), ValueError, "temperature"),
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=math.nan), ValueError, "temperature"),
-        (lambda: fastdpo.sequence_logps(logits.numpy(), labels), TypeError, "tensors"),
+        (lambda: fastdpo.sequence_logps(logits.detach().cpu().numpy(), labels), TypeError, "tensors"),
         (lambda: fastdpo.sequence_logps(logits[:, :1], labels[:, :1]), ValueError, "T >= 2"),
         (lambda: fastdpo.dpo_loss(logits, labels, beta=-1.0, reference_free=True), ValueError, "beta"),
         (lambda: fastdpo.dpo_loss(logits, labels, beta=math.nan, reference_free=True), ValueError, "beta"),
@@ -122,14 +122,14 @@ def test_32k_token_sequence_sum_matches_float64(backend, device):
 
 
 # ---------------------------------------------------------------- scale edge cases
-def test_offsets_past_2_31_elements(backend):
-    """Rows 2^30 elements apart in a lazily allocated 4 GiB storage: only the touched pages become real, and a
-    32-bit offset (row 2 starts past element 2^31) would read the wrong memory."""
+def test_offsets_past_2_31_elements(backend, device):
+    """Rows 2^30 elements apart in a 4 GiB storage (lazily allocated on the CPU: only the touched pages become real):
+    a 32-bit offset (row 2 starts past element 2^31) would read the wrong memory."""
     V, stride = 1000, (1 << 30) + 16
-    storage = torch.empty(2 * stride + 2 * V, dtype=torch.bfloat16)
+    storage = torch.empty(2 * stride + 2 * V, dtype=torch.bfloat16, device=device)
     logits = storage.as_strided((3, 2, V), (stride, V, 1))
     logits.copy_(torch.randn(3, 2, V))
-    labels = torch.randint(0, V, (3, 2))
+    labels = torch.randint(0, V, (3, 2), device=device)
     out, grad = _logps_and_grad(fastdpo.sequence_logps, logits, labels, shift=False)
     truth, truth_grad = _logps_and_grad(reference.sequence_logps, logits.double(), labels, shift=False)
     torch.testing.assert_close(out.double(), truth, rtol=1e-6, atol=1e-6)
