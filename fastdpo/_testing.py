@@ -117,3 +117,27 @@ def assert_close_to_reference(
             f"worst at {idx}: got {actual[idx].item()!r}, expected {truth[idx].item()!r}"
         )
     return err
+
+
+def spawn_group(world: int, store_dir, fn, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in one gloo process group (the tests of
+    the distributed paths). Teardown order matters: ``fn``'s objects (DTensors and meshes hold process groups) are
+    freed and every rank reaches a barrier before the group is destroyed; a DTensor freed after
+    ``destroy_process_group`` made gloo abort the process at exit, about 1 run in 8."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_group_main, args=(world, f"{store_dir}/store", fn, args), nprocs=world, join=True)
+
+
+def _group_main(rank: int, world: int, store: str, fn, args) -> None:
+    import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastdpo
-from fastdpo._testing import make_labels, make_logits
+from fastdpo._testing import make_labels, make_logits, spawn_group
 from fastdpo.ops import fused_linear as fused_op
 from fastdpo.ops import logps as logps_op
 
@@ -92,58 +92,51 @@ def test_opcheck_fused_linear_ops():
                           (hidden, weight, None, targets, -100, 1.5, 0.5, 3.0, 0, 16 * 50, torch.float32))  # fmt: skip
 
 
-def _distributed_worker(rank, world, store):
+def _distributed_worker(rank, world):
     import os
 
     import torch.distributed as dist
 
     os.environ["FASTDPO_BACKEND"] = "torch"  # torch.compile cannot trace the Triton interpreter
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(11)
-        B, T, V, D = 2, 8, 50, 16
-        logits, labels = torch.randn(2 * B, T, V, generator=gen) * 3, make_labels(2 * B, T, V, "cpu")
-        hidden, weight = torch.randn(2 * B, T, D, generator=gen), torch.randn(V, D, generator=gen) / 4
-        ref = torch.randn(2, B, generator=gen) - 20
-        aligned = fastdpo.shift_labels(labels)
-        cu = torch.tensor([0, 3, 8, 12, 2 * B * T])  # the batch's rows read back to back as one packed row
-        packed_aligned = fastdpo.shift_labels(labels.reshape(1, -1), cu_seq_lens=cu)
-        group, half, cut = dist.group.WORLD, T // 2, [0, 20, V]
-        t, v = slice(half * rank, half * (rank + 1)), slice(cut[rank], cut[rank + 1])
-        cases = {  # name: (loss function, its input)
-            "tp": (lambda x: fastdpo.dpo_loss(x, labels, *ref, return_metrics=True, vocab_parallel_group=group),
-                   logits[..., 25 * rank : 25 * (rank + 1)]),
-            "tp-uneven": (lambda x: fastdpo.dpo_loss(x, labels, *ref, vocab_parallel_group=group,
-                                                     vocab_start_index=cut[rank]), logits[..., v]),
-            "cp": (lambda x: fastdpo.dpo_loss(x, aligned[:, t], *ref, return_metrics=True, shift=False,
-                                              context_parallel_group=group), logits[:, t]),
-            "fused-tp": (lambda w: fastdpo.fused_linear_dpo_loss(hidden, w, labels, *ref, vocab_parallel_group=group,
-                                                                 vocab_start_index=cut[rank]), weight[v]),
-            # host syncs (the packed row's sizes): compiles with graph breaks, not fullgraph
-            "cp-packed-ld": (lambda x: fastdpo.dpo_loss(x, packed_aligned[:, 16 * rank : 16 * (rank + 1)], *ref,
-                                                        shift=False, context_parallel_group=group, cu_seq_lens=cu,
-                                                        ld_alpha=0.5),
-                             logits.reshape(1, -1, V)[:, 16 * rank : 16 * (rank + 1)]),
-        }  # fmt: skip
-        for name, (fn, x) in cases.items():
-            def loss(x):
-                out = fn(x)
-                return (out.loss, out.chosen_logps) + tuple((out.metrics or {}).values())
+    gen = torch.Generator().manual_seed(11)
+    B, T, V, D = 2, 8, 50, 16
+    logits, labels = torch.randn(2 * B, T, V, generator=gen) * 3, make_labels(2 * B, T, V, "cpu")
+    hidden, weight = torch.randn(2 * B, T, D, generator=gen), torch.randn(V, D, generator=gen) / 4
+    ref = torch.randn(2, B, generator=gen) - 20
+    aligned = fastdpo.shift_labels(labels)
+    cu = torch.tensor([0, 3, 8, 12, 2 * B * T])  # the batch's rows read back to back as one packed row
+    packed_aligned = fastdpo.shift_labels(labels.reshape(1, -1), cu_seq_lens=cu)
+    group, half, cut = dist.group.WORLD, T // 2, [0, 20, V]
+    t, v = slice(half * rank, half * (rank + 1)), slice(cut[rank], cut[rank + 1])
+    cases = {  # name: (loss function, its input)
+        "tp": (lambda x: fastdpo.dpo_loss(x, labels, *ref, return_metrics=True, vocab_parallel_group=group),
+               logits[..., 25 * rank : 25 * (rank + 1)]),
+        "tp-uneven": (lambda x: fastdpo.dpo_loss(x, labels, *ref, vocab_parallel_group=group,
+                                                 vocab_start_index=cut[rank]), logits[..., v]),
+        "cp": (lambda x: fastdpo.dpo_loss(x, aligned[:, t], *ref, return_metrics=True, shift=False,
+                                          context_parallel_group=group), logits[:, t]),
+        "fused-tp": (lambda w: fastdpo.fused_linear_dpo_loss(hidden, w, labels, *ref, vocab_parallel_group=group,
+                                                             vocab_start_index=cut[rank]), weight[v]),
+        # host syncs (the packed row's sizes): compiles with graph breaks, not fullgraph
+        "cp-packed-ld": (lambda x: fastdpo.dpo_loss(x, packed_aligned[:, 16 * rank : 16 * (rank + 1)], *ref,
+                                                    shift=False, context_parallel_group=group, cu_seq_lens=cu,
+                                                    ld_alpha=0.5),
+                         logits.reshape(1, -1, V)[:, 16 * rank : 16 * (rank + 1)]),
+    }  # fmt: skip
+    for name, (fn, x) in cases.items():
+        def loss(x):
+            out = fn(x)
+            return (out.loss, out.chosen_logps) + tuple((out.metrics or {}).values())
 
-            torch._dynamo.reset()
-            eager, eager_grads = _grads(loss, x)
-            compiled, compiled_grads = _grads(torch.compile(loss, fullgraph=name != "cp-packed-ld"), x)
-            for a, b in zip(compiled + compiled_grads, eager + eager_grads):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        torch._dynamo.reset()
+        eager, eager_grads = _grads(loss, x)
+        compiled, compiled_grads = _grads(torch.compile(loss, fullgraph=name != "cp-packed-ld"), x)
+        for a, b in zip(compiled + compiled_grads, eager + eager_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_vocab_and_context_parallel_compile_fullgraph(tmp_path):
     """The vocab-parallel (logits and fused-linear) and padded context-parallel paths compile with ``fullgraph=True``
     on 2 gloo ranks and match eager (under compile the shard layout is not checked, so no host sync breaks the
     graph); packed context parallelism with LD-DPO compiles with graph breaks and matches eager."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    spawn_group(2, tmp_path, _distributed_worker)

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastdpo
 from fastdpo import reference
+from fastdpo._testing import spawn_group
 
 B, V, D = 2, 96, 16
 T_PADDED = 12
@@ -91,68 +91,64 @@ def _positions(layout, cp_rank, cp, T):
     return torch.tensor(layout[cp_rank]), True
 
 
-def _worker(rank, world, store, seed, tp, layout, packing, backend, loss_kw):
+def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
     os.environ["FASTDPO_BACKEND"] = backend
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
-        logits, labels, hidden, weight, ref, cu = _inputs(seed, packed=packing is not None)
-        pos, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1])
-        v0, v1 = V * tp_rank // tp, V * (tp_rank + 1) // tp
-        kw = dict(shift=False, return_metrics=True, **loss_kw)
-        # the single-device truth scores the collator's labels with shift=True; each rank gets its positions of the
-        # shifted labels (fastdpo.shift_labels), boundary tokens included
-        truth_kw = dict(kw, shift=True, cu_seq_lens=cu)
-        aligned = fastdpo.shift_labels(labels, cu_seq_lens=cu)[:, pos]
-        batch = dict(context_parallel_positions=pos) if explicit else {}
-        if packing == "cu_seq_lens":
-            batch["cu_seq_lens"] = cu
-        elif packing == "position_ids":  # this rank's share of the packed row's position ids
-            batch["position_ids"] = torch.cat([torch.arange(n) for n in LENGTHS])[None, pos]
-        vocab = dict(vocab_parallel_group=tp_group) if tp_group is not None else {}
+    cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
+    logits, labels, hidden, weight, ref, cu = _inputs(seed, packed=packing is not None)
+    pos, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1])
+    v0, v1 = V * tp_rank // tp, V * (tp_rank + 1) // tp
+    kw = dict(shift=False, return_metrics=True, **loss_kw)
+    # the single-device truth scores the collator's labels with shift=True; each rank gets its positions of the
+    # shifted labels (fastdpo.shift_labels), boundary tokens included
+    truth_kw = dict(kw, shift=True, cu_seq_lens=cu)
+    aligned = fastdpo.shift_labels(labels, cu_seq_lens=cu)[:, pos]
+    batch = dict(context_parallel_positions=pos) if explicit else {}
+    if packing == "cu_seq_lens":
+        batch["cu_seq_lens"] = cu
+    elif packing == "position_ids":  # this rank's share of the packed row's position ids
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in LENGTHS])[None, pos]
+    vocab = dict(vocab_parallel_group=tp_group) if tp_group is not None else {}
 
-        x = logits[:, pos, v0:v1].clone().requires_grad_()
-        loss_module = fastdpo.DPOLoss(context_parallel_group=cp_group, **vocab, **kw)
-        out = loss_module(x, aligned, *ref, **batch)
-        kw.update(batch)
-        out.loss.backward()
-        full = logits.double().requires_grad_()
-        truth = reference.dpo_loss(full, labels, *ref.double(), **truth_kw)
-        truth.loss.backward()
-        _check(out, truth, x.grad, full.grad[:, pos, v0:v1], "logits")
+    x = logits[:, pos, v0:v1].clone().requires_grad_()
+    loss_module = fastdpo.DPOLoss(context_parallel_group=cp_group, **vocab, **kw)
+    out = loss_module(x, aligned, *ref, **batch)
+    kw.update(batch)
+    out.loss.backward()
+    full = logits.double().requires_grad_()
+    truth = reference.dpo_loss(full, labels, *ref.double(), **truth_kw)
+    truth.loss.backward()
+    _check(out, truth, x.grad, full.grad[:, pos, v0:v1], "logits")
 
-        seq_kw = {k: v for k, v in kw.items() if k in ("shift", "ld_alpha", *batch)}
-        seq = fastdpo.sequence_logps(logits[:, pos, v0:v1], aligned, context_parallel_group=cp_group, **vocab,
-                                     **seq_kw)  # fmt: skip
-        want = _float64_sequence_logps(logits, labels, cu_seq_lens=cu, ld_alpha=kw.get("ld_alpha"))
-        _close(seq, want, "sequence_logps")
+    seq_kw = {k: v for k, v in kw.items() if k in ("shift", "ld_alpha", *batch)}
+    seq = fastdpo.sequence_logps(logits[:, pos, v0:v1], aligned, context_parallel_group=cp_group, **vocab,
+                                 **seq_kw)  # fmt: skip
+    want = _float64_sequence_logps(logits, labels, cu_seq_lens=cu, ld_alpha=kw.get("ld_alpha"))
+    _close(seq, want, "sequence_logps")
 
-        # fused-linear path: each rank projects its own positions through its rows of the head
-        h = hidden[:, pos].clone().requires_grad_()
-        w = weight[v0:v1].clone().requires_grad_()
-        if packing is None:
-            out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
-        else:  # the module, the per-batch tensors given to forward
-            config = {k: v for k, v in kw.items() if k not in batch}
-            module = fastdpo.FusedLinearDPOLoss(context_parallel_group=cp_group, **vocab, **config)
-            out = module(h, w, aligned, *ref, **batch)
-        out.loss.backward()
-        hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
-        truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **truth_kw)
-        truth.loss.backward()
-        _check(out, truth, h.grad, hf.grad[:, pos], "fused")
-        # the head is replicated over CP: each rank holds its positions' share of its rows' dW; the sum is the full
-        # gradient of those rows
-        dist.all_reduce(w.grad, group=cp_group)
-        _close(w.grad, wf.grad[v0:v1], "fused dW (summed over CP ranks)", atol=1e-5 * float(wf.grad.abs().max()))
-        dist.barrier()  # no rank tears its groups down while another still talks
-    finally:
-        dist.destroy_process_group()
+    # fused-linear path: each rank projects its own positions through its rows of the head
+    h = hidden[:, pos].clone().requires_grad_()
+    w = weight[v0:v1].clone().requires_grad_()
+    if packing is None:
+        out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
+    else:  # the module, the per-batch tensors given to forward
+        config = {k: v for k, v in kw.items() if k not in batch}
+        module = fastdpo.FusedLinearDPOLoss(context_parallel_group=cp_group, **vocab, **config)
+        out = module(h, w, aligned, *ref, **batch)
+    out.loss.backward()
+    hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **truth_kw)
+    truth.loss.backward()
+    _check(out, truth, h.grad, hf.grad[:, pos], "fused")
+    # the head is replicated over CP: each rank holds its positions' share of its rows' dW; the sum is the full
+    # gradient of those rows
+    dist.all_reduce(w.grad, group=cp_group)
+    _close(w.grad, wf.grad[v0:v1], "fused dW (summed over CP ranks)", atol=1e-5 * float(wf.grad.abs().max()))
 
 
 LD = dict(ld_alpha=0.6)
 # 4 ranks' positions in no rank order, each rank's own out of order too, a rank holding pieces of three sequences
-SCATTERED = [[27, 0, 1, 14, 15], [2, 3, 4, 5, 6, 7, 20, 21], [8, 9, 10, 11, 12, 13], [16, 17, 18, 19, 22, 23, 24, 25, 26]]
+SCATTERED = [[27, 0, 1, 14, 15], [2, 3, 4, 5, 6, 7, 20, 21], [8, 9, 10, 11, 12, 13],
+             [16, 17, 18, 19, 22, 23, 24, 25, 26]]  # fmt: skip
 CASES = {
     # id: (world, tp, layout: contiguous bounds, "torch" (load-balanced) or position lists, packing, backend, loss)
     "cp2-torch": (2, 1, [0, 6, T_PADDED], None, "torch", dict(beta=0.3)),
@@ -176,8 +172,7 @@ def test_context_parallel_matches_unsharded(case, tmp_path):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors through Triton need TRITON_INTERPRET=1 (set where no GPU is)")
     seed = int(torch.randint(2**31, ()))  # fresh inputs each run, replayable with FASTDPO_TEST_SEED
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), seed, tp, layout, packing, backend, loss_kw),
-             nprocs=world, join=True)  # fmt: skip
+    spawn_group(world, tmp_path, _worker, seed, tp, layout, packing, backend, loss_kw)
 
 
 def test_shift_labels_equals_shift():
@@ -201,57 +196,52 @@ def test_context_parallel_needs_aligned_labels():
                          context_parallel_group=object())  # fmt: skip
 
 
-def _layouts_worker(rank, world, store, seed, backend, result):
+def _layouts_worker(rank, world, seed, backend, result):
     """Every layout of 4 ranks scores the same batch: one device (each rank alone), TP 2, TP 4, CP 2, CP 2 x TP 2.
     Each rank records, per layout, the largest difference from the one-device result relative to its largest
     magnitude: sequence sums, loss, and its own slice of the logits gradient."""
     os.environ["FASTDPO_BACKEND"] = backend
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        N, T, W = 8, 40, 4 * 130
-        logits = torch.randn(N, T, W, generator=gen) * 4
-        labels = torch.randint(0, W, (N, T), generator=gen)
-        labels[:, :5] = -100
-        ref = torch.randn(2, N // 2, generator=gen) - 120
-        pairs_of_ranks = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        crossed = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-        layouts = {  # name: (CP group, CP rank, CP size, TP group, TP rank, TP size)
-            "tp2": (None, 0, 1, pairs_of_ranks[rank // 2], rank % 2, 2),
-            "tp4": (None, 0, 1, dist.group.WORLD, rank, 4),
-            "cp2": (pairs_of_ranks[rank // 2], rank % 2, 2, None, 0, 1),
-            "cp2xtp2": (crossed[rank % 2], rank // 2, 2, pairs_of_ranks[rank // 2], rank % 2, 2),
-        }
+    gen = torch.Generator().manual_seed(seed)
+    N, T, W = 8, 40, 4 * 130
+    logits = torch.randn(N, T, W, generator=gen) * 4
+    labels = torch.randint(0, W, (N, T), generator=gen)
+    labels[:, :5] = -100
+    ref = torch.randn(2, N // 2, generator=gen) - 120
+    pairs_of_ranks = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    crossed = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    layouts = {  # name: (CP group, CP rank, CP size, TP group, TP rank, TP size)
+        "tp2": (None, 0, 1, pairs_of_ranks[rank // 2], rank % 2, 2),
+        "tp4": (None, 0, 1, dist.group.WORLD, rank, 4),
+        "cp2": (pairs_of_ranks[rank // 2], rank % 2, 2, None, 0, 1),
+        "cp2xtp2": (crossed[rank % 2], rank // 2, 2, pairs_of_ranks[rank // 2], rank % 2, 2),
+    }
 
-        def run(x, labels, **kw):
-            x = x.clone().requires_grad_()
-            seq = fastdpo.sequence_logps(x.detach(), labels, **kw)
-            out = fastdpo.dpo_loss(x, labels, *ref, beta=0.1, **kw)
-            out.loss.backward()
-            return seq, out.loss, x.grad
+    def run(x, labels, **kw):
+        x = x.clone().requires_grad_()
+        seq = fastdpo.sequence_logps(x.detach(), labels, **kw)
+        out = fastdpo.dpo_loss(x, labels, *ref, beta=0.1, **kw)
+        out.loss.backward()
+        return seq, out.loss, x.grad
 
-        seq1, loss1, grad1 = run(logits, labels)
-        aligned = fastdpo.shift_labels(labels)
-        diffs = []
-        for cp_group, cp_rank, cp, tp_group, tp_rank, tp in layouts.values():
-            t0, t1 = T * cp_rank // cp, T * (cp_rank + 1) // cp
-            v0, v1 = W * tp_rank // tp, W * (tp_rank + 1) // tp
-            kw = dict(vocab_parallel_group=tp_group)
-            if cp_group is not None:
-                kw.update(context_parallel_group=cp_group, shift=False)
-                seq, loss, grad = run(logits[:, t0:t1, v0:v1], aligned[:, t0:t1], **kw)
-            else:
-                seq, loss, grad = run(logits[..., v0:v1], labels, **kw)
-            want = grad1[:, t0:t1, v0:v1]  # aligned label t is what logits[:, t] scores: the same positions
-            diffs.append([float((a - b).abs().max() / b.abs().max()) for a, b in ((seq, seq1), (loss, loss1),
-                                                                                  (grad, want))])  # fmt: skip
-        worst = torch.tensor(diffs, dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        if rank == 0:
-            torch.save(dict(zip(layouts, worst.tolist())), result)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    seq1, loss1, grad1 = run(logits, labels)
+    aligned = fastdpo.shift_labels(labels)
+    diffs = []
+    for cp_group, cp_rank, cp, tp_group, tp_rank, tp in layouts.values():
+        t0, t1 = T * cp_rank // cp, T * (cp_rank + 1) // cp
+        v0, v1 = W * tp_rank // tp, W * (tp_rank + 1) // tp
+        kw = dict(vocab_parallel_group=tp_group)
+        if cp_group is not None:
+            kw.update(context_parallel_group=cp_group, shift=False)
+            seq, loss, grad = run(logits[:, t0:t1, v0:v1], aligned[:, t0:t1], **kw)
+        else:
+            seq, loss, grad = run(logits[..., v0:v1], labels, **kw)
+        want = grad1[:, t0:t1, v0:v1]  # aligned label t is what logits[:, t] scores: the same positions
+        diffs.append([float((a - b).abs().max() / b.abs().max()) for a, b in ((seq, seq1), (loss, loss1),
+                                                                              (grad, want))])  # fmt: skip
+    worst = torch.tensor(diffs, dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        torch.save(dict(zip(layouts, worst.tolist())), result)
 
 
 def test_shard_layouts_agree_to_float32_rounding(cpu_backend, tmp_path):
@@ -261,7 +251,7 @@ def test_shard_layouts_agree_to_float32_rounding(cpu_backend, tmp_path):
     sums (ulps of -250 become relative errors of the margin). Prints the measured gaps."""
     result = tmp_path / "gaps.pt"
     seed = int(torch.randint(2**31, ()))
-    mp.spawn(_layouts_worker, args=(4, str(tmp_path / "store"), seed, cpu_backend, str(result)), nprocs=4, join=True)
+    spawn_group(4, tmp_path, _layouts_worker, seed, cpu_backend, str(result))
     gaps = torch.load(result)
     print(f"\nlargest relative gap to one device ({cpu_backend}): sums, loss, grad:", gaps)
     ulp = torch.finfo(torch.float32).eps
@@ -279,22 +269,17 @@ def test_context_parallel_positions_errors():
                              context_parallel_positions=bad)  # fmt: skip
 
 
-def _overlap_worker(rank, world, store):
+def _overlap_worker(rank, world):
     os.environ["FASTDPO_BACKEND"] = "torch"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        logits, labels = torch.randn(1, 3, 8), torch.randint(0, 8, (1, 3))
-        kw = dict(shift=False, cu_seq_lens=torch.tensor([0, 3, 6]), context_parallel_group=dist.group.WORLD)
-        # every rank raises, whichever rank holds the bad position (no rank is left waiting in a collective)
-        for bad, message in (([[0, 1, 2], [2, 3, 5]], r"held by no rank or by several: \[2, 4\]"),
-                             ([[0, 1, 2], [3, 4, -1]], r"must lie in \[0, 6\).*from -1 to 4"),
-                             ([[0, 1, 2], [3, 4, 60]], r"must lie in \[0, 6\).*from 0 to 60")):  # fmt: skip
-            with pytest.raises(ValueError, match=message):
-                fastdpo.sequence_logps(logits, labels, context_parallel_positions=torch.tensor(bad[rank]), **kw)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    logits, labels = torch.randn(1, 3, 8), torch.randint(0, 8, (1, 3))
+    kw = dict(shift=False, cu_seq_lens=torch.tensor([0, 3, 6]), context_parallel_group=dist.group.WORLD)
+    # every rank raises, whichever rank holds the bad position (no rank is left waiting in a collective)
+    for bad, message in (([[0, 1, 2], [2, 3, 5]], r"held by no rank or by several: \[2, 4\]"),
+                         ([[0, 1, 2], [3, 4, -1]], r"must lie in \[0, 6\).*from -1 to 4"),
+                         ([[0, 1, 2], [3, 4, 60]], r"must lie in \[0, 6\).*from 0 to 60")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            fastdpo.sequence_logps(logits, labels, context_parallel_positions=torch.tensor(bad[rank]), **kw)
 
 
 def test_context_parallel_positions_must_tile_the_row(tmp_path):
-    mp.spawn(_overlap_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    spawn_group(2, tmp_path, _overlap_worker)

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastdpo
 from fastdpo import reference
+from fastdpo._testing import spawn_group
 
 B, T, V = 2, 7, 300
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
@@ -40,70 +40,65 @@ def _close(got, want, name, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def _worker(rank, world, store, bounds, backend, use_dtensor):
+def _worker(rank, world, bounds, backend, use_dtensor):
     os.environ["FASTDPO_BACKEND"] = backend
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        logits, labels, ref_logits, ref = _inputs()
-        lo, hi = bounds[rank], bounds[rank + 1]
-        sizes = {b - a for a, b in zip(bounds, bounds[1:])}
-        # equal shards use the default offsets (rank * V_s); uneven ones pass theirs
-        kw = {} if use_dtensor else dict(vocab_parallel_group=dist.group.WORLD,
-                                         vocab_start_index=None if len(sizes) == 1 else lo)  # fmt: skip
+    logits, labels, ref_logits, ref = _inputs()
+    lo, hi = bounds[rank], bounds[rank + 1]
+    sizes = {b - a for a, b in zip(bounds, bounds[1:])}
+    # equal shards use the default offsets (rank * V_s); uneven ones pass theirs
+    kw = {} if use_dtensor else dict(vocab_parallel_group=dist.group.WORLD,
+                                     vocab_start_index=None if len(sizes) == 1 else lo)  # fmt: skip
 
-        mesh = None
-        if use_dtensor:  # one mesh per process: each init_device_mesh would create more process groups
-            from torch.distributed.device_mesh import init_device_mesh
+    mesh = None
+    if use_dtensor:  # one mesh per process: each init_device_mesh would create more process groups
+        from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh("cpu", (world,))
 
-        def shard(x):
-            x = x[..., lo:hi].clone().requires_grad_()
-            if not use_dtensor:
-                return x, x
-            from torch.distributed.tensor import DTensor, Shard
+    def shard(x):
+        x = x[..., lo:hi].clone().requires_grad_()
+        if not use_dtensor:
+            return x, x
+        from torch.distributed.tensor import DTensor, Shard
 
-            d = DTensor.from_local(x, mesh, [Shard(2)], run_check=False, shape=(*x.shape[:2], V),
-                                   stride=(T * V, V, 1))  # fmt: skip
-            return x, d
+        d = DTensor.from_local(x, mesh, [Shard(2)], run_check=False, shape=(*x.shape[:2], V),
+                               stride=(T * V, V, 1))  # fmt: skip
+        return x, d
 
-        # per-token outputs and their gradients (log-probs and entropy)
-        x, xin = shard(logits)
-        tok = fastdpo.token_logps(xin, labels, outputs=OUTPUTS, **kw)
-        full = logits.double().requires_grad_()
-        want = reference.token_logps(full, labels, outputs=OUTPUTS)
-        for name in OUTPUTS:
-            got, exp = getattr(tok, name), getattr(want, name)
-            if name == "is_top1":
-                assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
-            else:
-                _close(got, exp.detach(), name)
-        g1, g2 = torch.randn(2, 2 * B, T - 1, generator=torch.Generator().manual_seed(7))
-        (tok.log_probs * g1 + tok.entropy * g2).sum().backward()
-        ((want.log_probs * g1 + want.entropy * g2).sum()).backward()
-        _close(x.grad, full.grad[..., lo:hi], "token grad")
+    # per-token outputs and their gradients (log-probs and entropy)
+    x, xin = shard(logits)
+    tok = fastdpo.token_logps(xin, labels, outputs=OUTPUTS, **kw)
+    full = logits.double().requires_grad_()
+    want = reference.token_logps(full, labels, outputs=OUTPUTS)
+    for name in OUTPUTS:
+        got, exp = getattr(tok, name), getattr(want, name)
+        if name == "is_top1":
+            assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
+        else:
+            _close(got, exp.detach(), name)
+    g1, g2 = torch.randn(2, 2 * B, T - 1, generator=torch.Generator().manual_seed(7))
+    (tok.log_probs * g1 + tok.entropy * g2).sum().backward()
+    ((want.log_probs * g1 + want.entropy * g2).sum()).backward()
+    _close(x.grad, full.grad[..., lo:hi], "token grad")
 
-        # the DPO loss with metrics, WPO weights and reference logits in the same call
-        x, xin = shard(logits)
-        r, rin = shard(ref_logits)
-        out = fastdpo.dpo_loss(xin, labels, ref_logits=rin.detach(), beta=0.2, use_weighting=True,
-                               return_metrics=True, **kw)  # fmt: skip
-        full = logits.double().requires_grad_()
-        truth = reference.dpo_loss(full, labels, ref_logits=ref_logits.double(), beta=0.2, use_weighting=True,
-                                   return_metrics=True)  # fmt: skip
-        _close(out.loss, truth.loss, "loss")
-        for name, value in truth.metrics.items():
-            _close(out.metrics[name], value, name)
-        out.loss.backward()
-        truth.loss.backward()
-        _close(x.grad, full.grad[..., lo:hi], "loss grad", atol=1e-6)
+    # the DPO loss with metrics, WPO weights and reference logits in the same call
+    x, xin = shard(logits)
+    r, rin = shard(ref_logits)
+    out = fastdpo.dpo_loss(xin, labels, ref_logits=rin.detach(), beta=0.2, use_weighting=True,
+                           return_metrics=True, **kw)  # fmt: skip
+    full = logits.double().requires_grad_()
+    truth = reference.dpo_loss(full, labels, ref_logits=ref_logits.double(), beta=0.2, use_weighting=True,
+                               return_metrics=True)  # fmt: skip
+    _close(out.loss, truth.loss, "loss")
+    for name, value in truth.metrics.items():
+        _close(out.metrics[name], value, name)
+    out.loss.backward()
+    truth.loss.backward()
+    _close(x.grad, full.grad[..., lo:hi], "loss grad", atol=1e-6)
 
-        # sequence sums with precomputed references
-        seq = fastdpo.sequence_logps(shard(logits)[1], labels, **kw)
-        _close(seq, reference.sequence_logps(logits.double(), labels), "sequence_logps")
-        dist.barrier()  # no rank tears its groups down while another still talks (gloo aborted at exit)
-    finally:
-        dist.destroy_process_group()
+    # sequence sums with precomputed references
+    seq = fastdpo.sequence_logps(shard(logits)[1], labels, **kw)
+    _close(seq, reference.sequence_logps(logits.double(), labels), "sequence_logps")
 
 
 @pytest.mark.parametrize(
@@ -117,7 +112,7 @@ def _worker(rank, world, store, bounds, backend, use_dtensor):
     ids=["tp2", "tp2-uneven", "tp4", "dtensor2"],
 )
 def test_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, cpu_backend, tmp_path):
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), bounds, cpu_backend, use_dtensor), nprocs=world, join=True)
+    spawn_group(world, tmp_path, _worker, bounds, cpu_backend, use_dtensor)
 
 
 D = 24
@@ -136,67 +131,62 @@ def _head_inputs():
     return hidden, weight, bias, ref_hidden, labels
 
 
-def _fused_worker(rank, world, store, bounds, backend, use_dtensor):
+def _fused_worker(rank, world, bounds, backend, use_dtensor):
     os.environ["FASTDPO_BACKEND"] = backend
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        hidden, weight, bias, ref_hidden, labels = _head_inputs()
-        lo, hi = bounds[rank], bounds[rank + 1]
-        equal = len({b - a for a, b in zip(bounds, bounds[1:])}) == 1
-        h = hidden.clone().requires_grad_()
-        w, b = weight[lo:hi].clone().requires_grad_(), bias[lo:hi].clone().requires_grad_()
-        w_in, b_in = w, b
-        kw = dict(vocab_parallel_group=dist.group.WORLD, vocab_start_index=None if equal else lo)
-        if use_dtensor:  # lm_head.weight as ColwiseParallel leaves it: Shard(0) on a 1-D mesh
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.tensor import DTensor, Shard
+    hidden, weight, bias, ref_hidden, labels = _head_inputs()
+    lo, hi = bounds[rank], bounds[rank + 1]
+    equal = len({b - a for a, b in zip(bounds, bounds[1:])}) == 1
+    h = hidden.clone().requires_grad_()
+    w, b = weight[lo:hi].clone().requires_grad_(), bias[lo:hi].clone().requires_grad_()
+    w_in, b_in = w, b
+    kw = dict(vocab_parallel_group=dist.group.WORLD, vocab_start_index=None if equal else lo)
+    if use_dtensor:  # lm_head.weight as ColwiseParallel leaves it: Shard(0) on a 1-D mesh
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
 
-            mesh = init_device_mesh("cpu", (world,))
-            w_in = DTensor.from_local(w, mesh, [Shard(0)], run_check=False, shape=(V, D), stride=(D, 1))
-            b_in = DTensor.from_local(b, mesh, [Shard(0)], run_check=False, shape=(V,), stride=(1,))
-            kw = dict(vocab_parallel_group=mesh)
-        full = [x.double().requires_grad_() for x in (hidden, weight, bias)]
+        mesh = init_device_mesh("cpu", (world,))
+        w_in = DTensor.from_local(w, mesh, [Shard(0)], run_check=False, shape=(V, D), stride=(D, 1))
+        b_in = DTensor.from_local(b, mesh, [Shard(0)], run_check=False, shape=(V,), stride=(1,))
+        kw = dict(vocab_parallel_group=mesh)
+    full = [x.double().requires_grad_() for x in (hidden, weight, bias)]
 
-        # the DPO loss with metrics and the reference's hidden states through the same (sharded) head, over several
-        # tiles per call (WPO's log sum p^2 is checked per token below: its weights would make the loss vanish here)
-        out = fastdpo.fused_linear_dpo_loss(h, w_in, labels, bias=b_in, ref_hidden=ref_hidden, beta=0.2,
-                                            return_metrics=True, tile_elements=16 * V, **HEAD, **kw)  # fmt: skip
-        truth = reference.fused_linear_dpo_loss(*full[:2], labels, bias=full[2], ref_hidden=ref_hidden.double(),
-                                                beta=0.2, return_metrics=True, **HEAD)  # fmt: skip
-        _close(out.loss, truth.loss, "fused loss")
-        for name, value in truth.metrics.items():
-            _close(out.metrics[name], value, f"fused {name}")
-        out.loss.backward()
-        truth.loss.backward()
-        assert float(full[0].grad.abs().max()) > 1e-3
-        _close(h.grad, full[0].grad, "fused d hidden (full on every rank)", atol=1e-6)
-        _close(w.grad, full[1].grad[lo:hi], "fused d weight (this rank's rows)", atol=1e-6)
-        _close(b.grad, full[2].grad[lo:hi], "fused d bias (this rank's rows)", atol=1e-6)
+    # the DPO loss with metrics and the reference's hidden states through the same (sharded) head, over several
+    # tiles per call (WPO's log sum p^2 is checked per token below: its weights would make the loss vanish here)
+    out = fastdpo.fused_linear_dpo_loss(h, w_in, labels, bias=b_in, ref_hidden=ref_hidden, beta=0.2,
+                                        return_metrics=True, tile_elements=16 * V, **HEAD, **kw)  # fmt: skip
+    truth = reference.fused_linear_dpo_loss(*full[:2], labels, bias=full[2], ref_hidden=ref_hidden.double(),
+                                            beta=0.2, return_metrics=True, **HEAD)  # fmt: skip
+    _close(out.loss, truth.loss, "fused loss")
+    for name, value in truth.metrics.items():
+        _close(out.metrics[name], value, f"fused {name}")
+    out.loss.backward()
+    truth.loss.backward()
+    assert float(full[0].grad.abs().max()) > 1e-3
+    _close(h.grad, full[0].grad, "fused d hidden (full on every rank)", atol=1e-6)
+    _close(w.grad, full[1].grad[lo:hi], "fused d weight (this rank's rows)", atol=1e-6)
+    _close(b.grad, full[2].grad[lo:hi], "fused d bias (this rank's rows)", atol=1e-6)
 
-        # per-token outputs, entropy gradient included
-        h2 = hidden.reshape(-1, D).clone().requires_grad_()
-        targets = labels.reshape(-1)
-        tok = fastdpo.fused_linear_token_logps(h2, w_in.detach(), targets, bias=b_in.detach(), outputs=OUTPUTS,
-                                               **HEAD, **kw)  # fmt: skip
-        hf = hidden.reshape(-1, D).double().requires_grad_()
-        want = reference.fused_linear_token_logps(hf, weight.double(), targets, bias=bias.double(), outputs=OUTPUTS,
-                                                  **HEAD)  # fmt: skip
-        for name in OUTPUTS:
-            got, exp = getattr(tok, name), getattr(want, name)
-            if name == "is_top1":
-                assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
-            else:
-                _close(got, exp.detach(), f"fused {name}")
-        (tok.log_probs.sum() + tok.entropy.sum()).backward()
-        (want.log_probs.sum() + want.entropy.sum()).backward()
-        _close(h2.grad, hf.grad, "fused token d hidden")
+    # per-token outputs, entropy gradient included
+    h2 = hidden.reshape(-1, D).clone().requires_grad_()
+    targets = labels.reshape(-1)
+    tok = fastdpo.fused_linear_token_logps(h2, w_in.detach(), targets, bias=b_in.detach(), outputs=OUTPUTS,
+                                           **HEAD, **kw)  # fmt: skip
+    hf = hidden.reshape(-1, D).double().requires_grad_()
+    want = reference.fused_linear_token_logps(hf, weight.double(), targets, bias=bias.double(), outputs=OUTPUTS,
+                                              **HEAD)  # fmt: skip
+    for name in OUTPUTS:
+        got, exp = getattr(tok, name), getattr(want, name)
+        if name == "is_top1":
+            assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
+        else:
+            _close(got, exp.detach(), f"fused {name}")
+    (tok.log_probs.sum() + tok.entropy.sum()).backward()
+    (want.log_probs.sum() + want.entropy.sum()).backward()
+    _close(h2.grad, hf.grad, "fused token d hidden")
 
-        seq = fastdpo.fused_linear_sequence_logps(hidden, w_in.detach(), labels, bias=b_in.detach(), **HEAD, **kw)
-        _close(seq, reference.fused_linear_sequence_logps(hidden.double(), weight.double(), labels,
-                                                          bias=bias.double(), **HEAD), "fused sequence_logps")  # fmt: skip
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    seq = fastdpo.fused_linear_sequence_logps(hidden, w_in.detach(), labels, bias=b_in.detach(), **HEAD, **kw)
+    _close(seq, reference.fused_linear_sequence_logps(hidden.double(), weight.double(), labels,
+                                                      bias=bias.double(), **HEAD), "fused sequence_logps")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -205,52 +195,46 @@ def _fused_worker(rank, world, store, bounds, backend, use_dtensor):
     ids=["tp2", "tp4-uneven", "dtensor2"],
 )
 def test_fused_linear_vocab_parallel_matches_unsharded(world, bounds, use_dtensor, cpu_backend, tmp_path):
-    mp.spawn(_fused_worker, args=(world, str(tmp_path / "store"), bounds, cpu_backend, use_dtensor), nprocs=world,
-             join=True)  # fmt: skip
+    spawn_group(world, tmp_path, _fused_worker, bounds, cpu_backend, use_dtensor)
 
 
-def _layout_worker(rank, world, store):
+def _layout_worker(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
     from fastdpo.ops import vocab_parallel as vp
 
     os.environ["FASTDPO_BACKEND"] = "torch"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(5)
-        logits, labels = torch.randn(2, 5, 10, generator=gen), torch.randint(0, 10, (2, 5), generator=gen)
-        labels[0, 1:] = 9  # scored by the last shard
-        want = reference.sequence_logps(logits.double(), labels)
-        with pytest.raises(ValueError, match=r"vocab shards must tile \[0, V\).*\(0, 5\), \(3, 8\)"):
-            fastdpo.sequence_logps(logits[..., [0, 3][rank] : [5, 8][rank]], labels.clamp(max=7),
-                                   vocab_parallel_group=dist.group.WORLD, vocab_start_index=[0, 3][rank])  # fmt: skip
-        gathers = []
-        all_gather = vp.dist.all_gather
-        vp.dist.all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
-        # the vocabulary grows on one rank only (rank 0 keeps [0, 4), rank 1 goes from [4, 8) to [4, 10)): every
-        # rank checks the layout on every call, so rank 0 neither skips the collective nor keeps the old V
-        sub = labels.clamp(max=7)
-        got = fastdpo.sequence_logps(logits[..., :8][..., [0, 4][rank] : [4, 8][rank]], sub,
-                                     vocab_parallel_group=dist.group.WORLD)  # fmt: skip
-        _close(got, reference.sequence_logps(logits[..., :8].double(), sub), "V = 8")
-        got = fastdpo.sequence_logps(logits[..., [0, 4][rank] : [4, 10][rank]], labels,
-                                     vocab_parallel_group=dist.group.WORLD, vocab_start_index=[0, 4][rank])  # fmt: skip
-        _close(got, want, "V = 10, uneven")
-        assert len(gathers) == 2
-        # a DTensor carries its layout: no collective to check it
-        local = logits[..., 5 * rank : 5 * (rank + 1)]
-        mesh = init_device_mesh("cpu", (world,))
-        d = DTensor.from_local(local, mesh, [Shard(2)], run_check=False, shape=(2, 5, 10), stride=(50, 10, 1))
-        _close(fastdpo.sequence_logps(d, labels), want, "DTensor")
-        assert len(gathers) == 2, "a DTensor's layout needs no all-gather"
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    gen = torch.Generator().manual_seed(5)
+    logits, labels = torch.randn(2, 5, 10, generator=gen), torch.randint(0, 10, (2, 5), generator=gen)
+    labels[0, 1:] = 9  # scored by the last shard
+    want = reference.sequence_logps(logits.double(), labels)
+    with pytest.raises(ValueError, match=r"vocab shards must tile \[0, V\).*\(0, 5\), \(3, 8\)"):
+        fastdpo.sequence_logps(logits[..., [0, 3][rank] : [5, 8][rank]], labels.clamp(max=7),
+                               vocab_parallel_group=dist.group.WORLD, vocab_start_index=[0, 3][rank])  # fmt: skip
+    gathers = []
+    all_gather = vp.dist.all_gather
+    vp.dist.all_gather = lambda *a, **k: gathers.append(1) or all_gather(*a, **k)
+    # the vocabulary grows on one rank only (rank 0 keeps [0, 4), rank 1 goes from [4, 8) to [4, 10)): every
+    # rank checks the layout on every call, so rank 0 neither skips the collective nor keeps the old V
+    sub = labels.clamp(max=7)
+    got = fastdpo.sequence_logps(logits[..., :8][..., [0, 4][rank] : [4, 8][rank]], sub,
+                                 vocab_parallel_group=dist.group.WORLD)  # fmt: skip
+    _close(got, reference.sequence_logps(logits[..., :8].double(), sub), "V = 8")
+    got = fastdpo.sequence_logps(logits[..., [0, 4][rank] : [4, 10][rank]], labels,
+                                 vocab_parallel_group=dist.group.WORLD, vocab_start_index=[0, 4][rank])  # fmt: skip
+    _close(got, want, "V = 10, uneven")
+    assert len(gathers) == 2
+    # a DTensor carries its layout: no collective to check it
+    local = logits[..., 5 * rank : 5 * (rank + 1)]
+    mesh = init_device_mesh("cpu", (world,))
+    d = DTensor.from_local(local, mesh, [Shard(2)], run_check=False, shape=(2, 5, 10), stride=(50, 10, 1))
+    _close(fastdpo.sequence_logps(d, labels), want, "DTensor")
+    assert len(gathers) == 2, "a DTensor's layout needs no all-gather"
 
 
 def test_shard_layout_checked_every_call_and_free_for_dtensors(tmp_path):
-    mp.spawn(_layout_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+    spawn_group(2, tmp_path, _layout_worker)
 
 
 @pytest.mark.gpu
