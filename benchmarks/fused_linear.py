@@ -21,7 +21,6 @@ import argparse
 import itertools
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import triton
 import fastdpo
 from benchmarks import timing
 from benchmarks.providers import _needs
-from benchmarks.run import RESULTS_DIR, device_slug, format_table, git_commit, progress, write_results
+from benchmarks.run import RESULTS_DIR, device_slug, format_table, git_commit, progress, within_budget, write_results
 
 BETA = 0.1
 # Issue sweep: hidden sizes of 1B-8B models, Llama 3 and Qwen 2 vocabularies, 4k-32k tokens per step.
@@ -224,11 +223,7 @@ def main(argv=None) -> int:
               "git_dirty": dirty, "command": command}  # fmt: skip
     runnable = {n: fn for n, (fn, why) in chosen.items() if not why}
     rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
-    start = time.monotonic()
-    for done, (D, V, N) in enumerate(sizes):
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: {len(sizes) - done} sizes not run")
-            break
+    for D, V, N in within_budget(sizes, args.budget_s):
         floor = measure_floor(N, D, V, dtype, device)
         inputs = make_inputs(N, D, V, dtype, device)
         for (impl, fn), mode in itertools.product(runnable.items(), args.mode):

@@ -57,6 +57,17 @@ def by_priority(sizes: list[shapes.Size]) -> list[shapes.Size]:
     return headline + [s for s in sizes if s not in headline]
 
 
+def within_budget(sizes: list, budget_s: float | None):
+    """``sizes`` one by one until ``budget_s`` seconds have passed since the first (all of them without a budget);
+    says how many were left out."""
+    start = time.monotonic()
+    for done, size in enumerate(sizes):
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            print(f"budget of {budget_s:.0f} s spent: {len(sizes) - done} sizes not run")
+            return
+        yield size
+
+
 def git_commit() -> tuple[str | None, bool | None]:
     """(HEAD's sha, whether tracked files other than the results differ from it), or (None, None) outside a git
     checkout. The results folder is left out: rerunning a sweep rewrites its own results file."""
@@ -188,7 +199,6 @@ def main(argv=None) -> int:
         timing.keep_freed_memory()
     torch.manual_seed(0)
     sizes = by_priority(shapes.sweep(args.quick, args.N, args.V, args.dtype))
-    start = time.monotonic()
     everything = providers.get_providers(device)
     chosen = [everything[name] for name in (args.impl or everything)]
     unavailable = {p.name: p.unavailable for p in chosen if p.unavailable}
@@ -204,10 +214,7 @@ def main(argv=None) -> int:
         "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
     }  # fmt: skip
     rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
-    for done, size in enumerate(sizes):
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            print(f"budget of {args.budget_s:.0f} s spent: {len(sizes) - done} sizes not run")
-            break
+    for size in within_budget(sizes, args.budget_s):
         floor = timing.measure_floor(size.N * size.V, size.torch_dtype, device)
         inputs = shapes.make_inputs(size, device)
         for provider in runnable:

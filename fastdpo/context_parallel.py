@@ -41,6 +41,16 @@ def collective_device(group, like: torch.device | None = None) -> torch.device:
     return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
+def gather_ints(values, group, device: torch.device | None = None) -> list[list[int]]:
+    """Every rank's ``values`` (a few integers or 0-d integer tensors), in rank order: one all-gather of
+    ``len(values)`` integers per rank and one host sync."""
+    cdev = collective_device(group, device)
+    mine = torch.stack([torch.as_tensor(v).to(device=cdev, dtype=torch.long) for v in values])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    return torch.stack(parts).tolist()
+
+
 class _SumAcrossRanks(torch.autograd.Function):
     """All-reduce SUM of per-sequence partial sums; the backward is the identity (see the module docstring)."""
 
@@ -96,23 +106,16 @@ def resolve_positions(positions: torch.Tensor | None, T_local: int, group, devic
     order, from the slice lengths (one all-gather of an integer per rank, one host sync). Given positions are
     checked on every rank alike: in range and as many as the row's length (one all-gather of three integers per
     rank), then each held by exactly one rank (one all-reduce of 4 bytes a position); two host syncs."""
-    cdev = collective_device(group, device)
-    world = dist.get_world_size(group)
     if positions is None:
-        mine = torch.tensor([T_local], dtype=torch.long, device=cdev)
-        sizes = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(sizes, mine, group=group)
-        sizes = [int(s) for s in torch.cat(sizes).tolist()]
+        sizes = [n for (n,) in gather_ints([T_local], group, device)]
         offset = sum(sizes[: dist.get_rank(group)])
         return torch.arange(offset, offset + T_local, device=device), sum(sizes)
-    mine = torch.stack([positions.min(), positions.max(), torch.tensor(T_local, device=positions.device)])
-    ranks = [torch.empty_like(mine, device=cdev) for _ in range(world)]
-    dist.all_gather(ranks, mine.to(cdev), group=group)
-    lows, highs, sizes = torch.stack(ranks).T.tolist()
+    lows, highs, sizes = zip(*gather_ints([positions.min(), positions.max(), T_local], group, device))
     total = sum(sizes)
     if min(lows) < 0 or max(highs) >= total:  # every rank sees the same numbers, so every rank raises
         raise ValueError(f"context_parallel_positions must lie in [0, {total}) (the group holds {total} positions), "
                          f"got positions from {min(lows)} to {max(highs)}")  # fmt: skip
+    cdev = collective_device(group, device)
     covered = torch.zeros(total, dtype=torch.int32, device=cdev)
     covered.index_add_(0, positions.to(cdev), torch.ones(T_local, dtype=torch.int32, device=cdev))
     dist.all_reduce(covered, group=group)

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from fastdpo._logps_outputs import STATS
-from fastdpo.context_parallel import collective_device
+from fastdpo.context_parallel import collective_device, gather_ints
 from fastdpo.ops.fused_linear import compute_dtype
 from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw, stats_mask
 
@@ -219,10 +219,7 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
         V_total = torch.tensor(V_local, dtype=torch.float32, device=collective_device(group, device))
         dist.all_reduce(V_total, group=group)
         return start, V_total
-    mine = torch.tensor([start, V_local], dtype=torch.long, device=collective_device(group, device))
-    ranges = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(ranges, mine, group=group)
-    spans = sorted((int(a), int(a) + int(n)) for a, n in (r.tolist() for r in ranges))
+    spans = sorted((a, a + n) for a, n in gather_ints([start, V_local], group, device))
     V_total = sum(b - a for a, b in spans)
     if spans[0][0] != 0 or any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:])):
         raise ValueError(f"vocab shards must tile [0, V) in order without gaps or overlaps; got [start, end) = {spans}"
@@ -231,8 +228,8 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
 
 
 def from_dtensor(logits):
-    """(local shard, process group, first vocab id, global vocab size) of a DTensor sharded on its last dimension over a 1-D mesh
-    (``ColwiseParallel(output_layouts=Shard(-1))``); the shard keeps the DTensor's autograd link."""
+    """(local shard, process group, first vocab id, global vocab size) of a DTensor sharded on its last dimension
+    over a 1-D mesh (``ColwiseParallel(output_layouts=Shard(-1))``); the shard keeps the DTensor's autograd link."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -246,9 +243,9 @@ def from_dtensor(logits):
 
 
 def head_from_dtensor(weight, group):
-    """(local rows, process group, first vocab id, global vocab size) of an LM-head weight DTensor sharded on its rows over a 1-D mesh
-    (``Shard(0)``, as ``ColwiseParallel`` leaves ``lm_head.weight``); ``group`` (the mesh or its process group) must
-    be that mesh's. The local rows keep the DTensor's autograd link."""
+    """(local rows, process group, first vocab id, global vocab size) of an LM-head weight DTensor sharded on its rows
+    over a 1-D mesh (``Shard(0)``, as ``ColwiseParallel`` leaves ``lm_head.weight``); ``group`` (the mesh or its
+    process group) must be that mesh's. The local rows keep the DTensor's autograd link."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
