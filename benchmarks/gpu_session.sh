@@ -5,16 +5,18 @@
 #   2. correctness on CUDA: the test files whose tensors follow the `device` fixture (kernels, ops, API, loss family,
 #      robustness, batch invariance, fused linear, torch.compile), and the NCCL group-of-one test;
 #   3. the logits sweep (`benchmarks.run`), the headline size (N 8192, V 128256, bf16) first;
-#   4. the fused-linear sweep (`benchmarks.fused_linear`).
+#   4. the tuning sweep of fastdpo's kernels (`benchmarks.tune`: block, warps, stages, row split; one knob at a time);
+#   5. the fused-linear sweep (`benchmarks.fused_linear`).
 # Run from the repository root. The peers (TRL, Liger-Kernel, QuACK) are used when their wheels are carried in .whl/
 # (benchmarks/README.md says how to download them). Output: $OUT (the device tool's folder; default
-# benchmarks/results/gpu-session) gets session.log, tests.log and the two sweeps' JSON and CSV, 6 files (the device
-# tool brings back 8 at most); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
-# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 150), BENCH_BUDGET_S (200),
-# FUSED_BUDGET_S (60). A sweep starts no new size past its budget, and each step is killed at its budget plus a
-# margin for the size in flight (tests 20 s, sweeps 60 s and 40 s): 530 s in all with the defaults, inside the
-# device tool's 600 s for one command. SWEEP_ARGS is added to both sweeps' arguments (e.g. `--quick`
-#   for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep).
+# benchmarks/results/gpu-session) gets session.log, tests.log and the three sweeps' JSON and CSV, 8 files (all the
+# device tool brings back); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
+# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 110), BENCH_BUDGET_S (170),
+# TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget, and each step is killed at its
+# budget plus a margin for the size in flight (tests 20 s, logits 60 s, tuning and fused 40 s each): 540 s in all
+# with the defaults, inside the device tool's 600 s for one command. SWEEP_ARGS is added to the logits and
+# fused-linear sweeps' arguments (e.g. `--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep),
+# TUNE_ARGS to the tuning sweep's (`--quick` for a dry run).
 #
 #   device run: command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600
 set -uo pipefail
@@ -34,20 +36,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   2>&1 | tee -a "$LOG"
 
-step "tests on CUDA (budget ${TEST_BUDGET_S:-150} s; all of pytest's output in tests.log)"
+step "tests on CUDA (budget ${TEST_BUDGET_S:-110} s; all of pytest's output in tests.log)"
 # SIGINT first: pytest then still prints its summary and the failures
-timeout -s INT -k 15 "${TEST_BUDGET_S:-150}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
+timeout -s INT -k 15 "${TEST_BUDGET_S:-110}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
   "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" \
   tests/test_kernels_logps.py tests/test_ops_logps.py tests/test_api.py tests/test_batch_invariance.py \
   tests/test_fused_linear.py tests/test_dpo_family.py tests/test_robustness.py tests/test_compile.py \
   >"$OUT/tests.log" 2>&1
 echo "tests exit code: $?; summary: $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"
 
-step "logits sweep (budget ${BENCH_BUDGET_S:-200} s)"
-timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-200} + 60 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-200}" \
+step "logits sweep (budget ${BENCH_BUDGET_S:-170} s)"
+timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-170} + 60 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-170}" \
   --out "$OUT" --no-plots ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -80 >>"$LOG"
 
-step "fused-linear sweep (budget ${FUSED_BUDGET_S:-60} s)"
-timeout -s INT -k 10 $(( ${FUSED_BUDGET_S:-60} + 40 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-60}" \
+step "tuning sweep (budget ${TUNE_BUDGET_S:-50} s)"
+timeout -s INT -k 10 $(( ${TUNE_BUDGET_S:-50} + 40 )) python3 -m benchmarks.tune --budget-s "${TUNE_BUDGET_S:-50}" \
+  --out "$OUT" ${TUNE_ARGS:-} 2>&1 | tail -70 >>"$LOG"
+
+step "fused-linear sweep (budget ${FUSED_BUDGET_S:-50} s)"
+timeout -s INT -k 10 $(( ${FUSED_BUDGET_S:-50} + 40 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-50}" \
   --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
 step "done"

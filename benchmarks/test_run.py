@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,3 +103,18 @@ def test_budget_order_puts_the_headline_size_first():
     ordered = run.by_priority(sizes)
     assert (ordered[0].N, ordered[0].V, ordered[0].dtype) == (shapes.PLOT_N, shapes.PLOT_V, "bfloat16")
     assert sorted(ordered, key=sizes.index) == sizes  # the same sizes, nothing lost or repeated
+
+
+def test_tuning_sweep_checks_and_times_each_variant(tmp_path):
+    """``python -m benchmarks.tune --quick`` (the kernels under Triton's interpreter on a CPU): every variant is
+    compared with the default, then timed, and written with the keys NOTES.md's tuning log is read from."""
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-m", "benchmarks.tune", "--quick", "--out", str(tmp_path)], env=env, check=True,
+                   cwd=run.RESULTS_DIR.parent.parent, capture_output=True, timeout=600)  # fmt: skip
+    _, data = _results(tmp_path)
+    rows = data["rows"]
+    assert {(r["kernel"], r["variant"]) for r in rows} >= {("fwd", "default"), ("bwd", "default")}
+    for row in rows:
+        assert row["status"] == "ok" and row["max_rel_diff"] <= 1e-5
+        assert row["floor_fraction"] == pytest.approx(row["floor_ms"] / row["ms_p50"])
+        assert {"device", "torch", "triton", "git_commit", "command", "gbps"} <= row.keys()

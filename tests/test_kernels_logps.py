@@ -23,6 +23,8 @@ class Case:
     V: int
     shift: bool = True
     block_v: int | None = None  # forced Triton block size, to get several blocks and a partial tail
+    chunk_v: int | None = None  # forced Triton chunk (a multiple of block_v): several chunks per row
+    split: bool | None = None  # forced: one Triton program per chunk of a row (CUDA picks this for few rows)
     temperature: float = 1.0
     special: str = ""
 
@@ -39,7 +41,13 @@ CASES = [
     Case("all-ignored-row", 3, 6, 300, special="ignored_row"),
     Case("logits-near-+100-overflow-exp", 3, 6, 300, special="large"),
     Case("non-contiguous-view", 2, 5, 700, block_v=256, special="view"),
+    Case("split-rows-V1000-chunk256", 2, 6, 1000, block_v=128, chunk_v=256, split=True),
+    Case("split-rows-+-20-shift-across-chunks", 2, 5, 1000, block_v=128, chunk_v=256, split=True,
+         special="block_shift"),
+    Case("split-rows-label-in-last-chunk", 2, 5, 1000, block_v=128, chunk_v=384, split=True,
+         special="last_block_labels"),
 ]
+TRITON_KNOBS = ("block_v", "chunk_v", "split")
 
 
 def _inputs(case: Case, dtype, device):
@@ -67,7 +75,7 @@ def _inputs(case: Case, dtype, device):
 def _run(impl, case, logits, labels, grad_logp):
     kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
     if impl is triton_logps:
-        kw["block_v"] = case.block_v
+        kw.update({k: getattr(case, k) for k in TRITON_KNOBS})
     out = impl.logps_fwd(logits, labels, **kw)
     grad = impl.logps_bwd(logits, labels, out.lse, grad_logp, **kw)
     return out.logp, out.lse, grad
@@ -146,18 +154,52 @@ def test_launcher_rejects_bad_layout(device):
                                temperature=1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_rows_give_the_same_bits(dtype, device):
+    """A row's chunks run in one program, or one program each and a fold launch (what CUDA picks for few rows):
+    both fold the same chunk statistics in the same order, so every output is the same bits, which batch
+    invariance rests on. The backward's split gives each program its own columns, in place too."""
+    N, T, V = 3, 5, 1000
+    logits, ref_logits = make_logits(N, T, V, dtype, device), make_logits(N, T, V, dtype, device)
+    logits[0, :, 256:512] = float("-inf")  # a whole chunk of -inf (masked vocabulary) on one row
+    labels = make_labels(N, T, V, device)
+    labels[0] = torch.where(labels[0] == IGNORE, IGNORE, labels[0] % 256)  # keep row 0's labels finite
+    kw = dict(shift=True, ignore_index=IGNORE, temperature=0.9, block_v=128, chunk_v=256)
+    whole = triton_logps.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, split=False, **kw)
+    split = triton_logps.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, split=True, **kw)
+    for name, a, b in zip(whole._fields, whole, split):
+        assert torch.equal(a, b), name
+    # (the mean logit of row 0 is -inf, as it should be)
+    assert torch.isfinite(whole.logp).all() and torch.isfinite(whole.stats[STATS.index("entropy")]).all()
+
+    g = torch.randn_like(whole.logp)
+    entropy = whole.stats[STATS.index("entropy")].contiguous()
+    bwd = dict(kw, entropy=entropy, grad_entropy=torch.randn_like(g))
+    expected = triton_logps.logps_bwd(logits, labels, whole.lse, g, split=False, **bwd)
+    assert torch.equal(triton_logps.logps_bwd(logits, labels, whole.lse, g, split=True, **bwd), expected)
+    in_place = triton_logps.logps_bwd(logits.clone(), labels, whole.lse, g, split=True, inplace=True, **bwd)
+    assert torch.equal(in_place, expected)
+
+
+def test_chunk_must_be_a_multiple_of_the_block(device):
+    logits, labels = make_logits(1, 2, 300, torch.float32, device), make_labels(1, 2, 300, device)
+    with pytest.raises(ValueError, match="chunk_v must be a positive multiple of block_v = 128, got 200"):
+        triton_logps.logps_fwd(logits, labels, shift=True, ignore_index=IGNORE, temperature=1.0, block_v=128,
+                               chunk_v=200)
+
+
 STAT_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10)], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10, 12, 13)], ids=lambda c: c.id)
 @pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
 def test_statistics_and_reference_logits_in_one_sweep(impl, case, dtype, device):
     logits, labels = _inputs(case, dtype, device)
     ref_logits = make_logits(case.N, case.T, case.V, dtype, device)
     kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
     if impl is triton_logps:
-        kw["block_v"] = case.block_v
+        kw.update({k: getattr(case, k) for k in TRITON_KNOBS})
     out = impl.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, **kw)
 
     for which, (x, logp, stats) in enumerate([(logits, out.logp, out.stats), (ref_logits, out.ref_logp, out.ref_stats)]):

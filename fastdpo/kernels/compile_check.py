@@ -39,8 +39,13 @@ DTYPES = ("bf16", "fp16", "fp32", "fp32>bf16")  # logits (> grad_logits if other
 # is added here knowingly instead of being compiled with a wrong type. The JIT types a Python int by value (i32 if it
 # fits, else i64); strides are checked as i64, the specialisation large tensors get (N * T * V passes 2^31).
 FLOAT_ARGS = {"logit_scale", "softcap", "inv_temperature"}
-INT_ARGS = {"T", "T_rows", "n_rows", "V", "ignore_index"}
-CONSTEXPRS = {"SHIFT": lambda cfg, flags: 1, "BLOCK_V": lambda cfg, flags: cfg.block_v}
+INT_ARGS = {"T", "T_rows", "n_rows", "V", "chunk_blocks", "ignore_index"}
+CONSTEXPRS = {
+    "SHIFT": lambda cfg, phase: 1, "BLOCK_V": lambda cfg, phase: cfg.block_v, "PHASE": lambda cfg, phase: phase,
+}
+# The forward kernel's phases (logps.WHOLE_ROW, CHUNK_PARTIALS, FOLD_PARTIALS), each a compiled kernel of its own;
+# the fold runs with one warp (scalar work per row), as the launcher runs it.
+PHASES = {0: "whole_row", 1: "chunk_partials", 2: "fold_partials"}
 # Optional-feature flags (COMPUTE_<stat>, HAS_<grad>): each kernel is checked with the plain launch (only
 # HAS_LOGP_GRAD on) and with every flag on, the variant with the most live registers.
 FLAG_PREFIXES = ("COMPUTE_", "HAS_", "SOFTCAP")
@@ -62,7 +67,7 @@ def arg_type(name: str, dtype: str) -> str:
     raise KeyError(f"compile_check: no type convention for kernel argument {name!r}; add it to FLOAT_ARGS/INT_ARGS")
 
 
-def make_source(kernel, dtype: str, cfg, aligned: bool, variant: str = "plain") -> ASTSource:
+def make_source(kernel, dtype: str, cfg, aligned: bool, variant: str = "plain", phase: int | None = None) -> ASTSource:
     """The launch the JIT specialises: 16-byte aligned tensors (fresh torch allocations) and, when V % 16 == 0,
     strides and V multiples of 16 (contiguous rows), which is what lets the row loads vectorise."""
     sig, consts, attrs = {}, {}, {}
@@ -73,7 +78,7 @@ def make_source(kernel, dtype: str, cfg, aligned: bool, variant: str = "plain") 
                 continue
             if p.name not in CONSTEXPRS:
                 raise KeyError(f"compile_check: no value for constexpr {p.name!r}; add it to CONSTEXPRS")
-            sig[p.name], consts[p.name] = "constexpr", CONSTEXPRS[p.name](cfg, variant)
+            sig[p.name], consts[p.name] = "constexpr", CONSTEXPRS[p.name](cfg, phase)
             continue
         sig[p.name] = arg_type(p.name, dtype)
         if p.name.endswith("_ptr") or (aligned and (p.name == "V" or p.name.startswith("stride_"))):
@@ -107,25 +112,27 @@ def check(kernels) -> list[dict]:
         for V in VOCABS:
             cfg = logps_config(V, backward="bwd" in kernel.__name__)
             configs.setdefault((cfg, V % 16 == 0), []).append(V)
-        for dtype in DTYPES:
+        phases = PHASES if "PHASE" in kernel.arg_names else {None: ""}
+        for dtype, cc, phase in itertools.product(DTYPES, CAPABILITIES, phases):
             if ">" in dtype and "grad_logits_ptr" not in kernel.arg_names:
                 continue
-            for cc in CAPABILITIES:
-                for (cfg, aligned), vocabs in configs.items():
-                    row = {"kernel": kernel.__name__, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",
-                           "BLOCK_V": cfg.block_v, "num_warps": cfg.num_warps, "aligned16": aligned, "V": vocabs,
-                           "registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
-                           "error": None}  # fmt: skip
-                    try:
-                        src = make_source(kernel, dtype, cfg, aligned, variant)
-                        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": cfg.num_warps})
-                        use = resource_usage(k.asm["cubin"])
-                        row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
-                        row.update(registers=use["REG"], shared_bytes=k.metadata.shared,
-                                   static_shared_bytes=use["SHARED"], spill_bytes=use["STACK"] + use["LOCAL"])
-                    except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
-                        row["error"] = f"{type(e).__name__}: {e}"
-                    rows.append(row)
+            for (cfg, aligned), vocabs in configs.items():
+                num_warps = 1 if phases[phase] == "fold_partials" else cfg.num_warps
+                name = kernel.__name__ + (f"[{phases[phase]}]" if phase is not None else "")
+                row = {"kernel": name, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",
+                       "BLOCK_V": cfg.block_v, "num_warps": num_warps, "aligned16": aligned, "V": vocabs,
+                       "registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
+                       "error": None}  # fmt: skip
+                try:
+                    src = make_source(kernel, dtype, cfg, aligned, variant, phase)
+                    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
+                    use = resource_usage(k.asm["cubin"])
+                    row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
+                    row.update(registers=use["REG"], shared_bytes=k.metadata.shared,
+                               static_shared_bytes=use["SHARED"], spill_bytes=use["STACK"] + use["LOCAL"])
+                except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
     return rows
 
 

@@ -7,8 +7,10 @@ choices from the arithmetic in the comments; the benchmark issue replaces them w
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import torch
 import triton
 
 # One loop iteration loads BLOCK_V logits per program. Backward: 4096 fp32 values over 8 warps is 16 live values
@@ -23,25 +25,69 @@ MAX_BLOCK_V_BWD = 4096
 MAX_BLOCK_V_FWD = 2048
 # Below this block size 4 warps already cover the block with >= 8 values per thread.
 WIDE_BLOCK_V = 2048
+# The forward folds each row's log-sum-exp chunk by chunk, in chunk order. Like BLOCK_V, the chunk is a function of
+# V alone, since it fixes the order of the sums and so the bits. Whether a row's chunks run in one program or in
+# one program each (their statistics then folded by a second, row-sized launch) follows the number of rows and
+# leaves the bits alone. 16 blocks of 2048: V 32000 is one chunk, 128256 four, 151936 five, 256000 eight.
+FWD_CHUNK_BLOCKS = 16
+# The backward has nothing to fold: a split row is just each program writing its own columns (same bits).
+BWD_CHUNK_BLOCKS = 8
+# Split rows across programs when there are fewer than this many rows per SM: with 8 warps a program, 4 programs
+# are half an SM's 64 warps, about as few as still keep enough loads in flight to stream HBM (N 256 rows on
+# 132 SMs is 2 per SM: a quarter of the warps). A first choice by that arithmetic, to be replaced by measurement.
+SPLIT_BELOW_ROWS_PER_SM = 4
 
 
 @dataclass(frozen=True)
 class LogpsConfig:
-    """Block size over the vocabulary and warps per program for one launch."""
+    """Block size over the vocabulary, warps per program, and the vocabulary chunk one program takes when a row
+    is split across programs (forward: also the unit the log-sum-exp is folded in)."""
 
     block_v: int
     num_warps: int
+    chunk_v: int
+    num_stages: int | None = None  # None: Triton's default
+
+    def launch(self) -> dict:
+        """The launch keywords: num_warps, and num_stages when set."""
+        return {"num_warps": self.num_warps} | ({} if self.num_stages is None else {"num_stages": self.num_stages})
 
 
-def logps_config(V: int, block_v: int | None = None, *, backward: bool = False) -> LogpsConfig:
-    """Pick ``BLOCK_V`` and ``num_warps`` for rows of ``V`` logits. A function of V alone, never of the number of
-    rows: that is what makes a row's log-prob the same bits in any batch.
+def logps_config(
+    V: int, block_v: int | None = None, *, backward: bool = False, chunk_v: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> LogpsConfig:  # fmt: skip
+    """Pick ``BLOCK_V``, ``num_warps`` and the chunk for rows of ``V`` logits. A function of V alone, never of
+    the number of rows: that is what makes a row's log-prob the same bits in any batch.
 
-    ``block_v`` overrides the block size (a power of two); tests use it to force several blocks per row.
+    The keywords override the choice (tests force several blocks and chunks per row; the tuning sweep tries
+    variants): ``block_v`` a power of two, ``chunk_v`` a multiple of it.
     """
     if block_v is None:
         block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V_BWD if backward else MAX_BLOCK_V_FWD)
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
-    num_warps = 8 if block_v >= WIDE_BLOCK_V else 4
-    return LogpsConfig(block_v=block_v, num_warps=num_warps)
+    if chunk_v is None:
+        chunk_v = block_v * (BWD_CHUNK_BLOCKS if backward else FWD_CHUNK_BLOCKS)
+    if chunk_v <= 0 or chunk_v % block_v:
+        raise ValueError(f"chunk_v must be a positive multiple of block_v = {block_v}, got {chunk_v}")
+    if num_warps is None:
+        num_warps = 8 if block_v >= WIDE_BLOCK_V else 4
+    return LogpsConfig(block_v=block_v, num_warps=num_warps, chunk_v=chunk_v, num_stages=num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_rows(n_programs: int, device: torch.device, split: bool | None = None) -> bool:
+    """Whether to give each chunk of a row its own program: when ``n_programs`` (rows, times 2 with reference
+    logits) leave the GPU's SMs short of work. Never on the CPU (the interpreter runs programs one by one);
+    ``split`` overrides."""
+    if split is not None:
+        return split
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return n_programs < SPLIT_BELOW_ROWS_PER_SM * _multiprocessor_count(index)

@@ -10,6 +10,12 @@ Cohere's logit scale a; the fused-linear path feeds raw projection tiles through
     dz[v] = g[r] (1[v = y] - exp((z[v] - m) - log l)) - g_H[r] p[v] (log p[v] + H[r])   (g_H: entropy's grad)
     dlogits[n, t, v] = dz[v] f'(x[v]),  f'(x) = a / temperature, times (1 - tanh^2(a x / c)) with softcapping
 
+The row is read in chunks of CHUNK blocks (``heuristics.logps_config``): each chunk's (m, l, ...) is computed
+online as above and folded into the row's in chunk order (``_fold``). A row's chunks run in one program, or, when
+there are too few rows to fill the GPU (N 256 rows at V 256000 is 2 rows per H100 SM), in one program each, whose
+statistics a second, one-warp launch folds in the same order: the same arithmetic, so the same bits. The backward
+has no fold: a split row's programs each write their own columns.
+
 The log-sum-exp is kept as the pair (m, log l), not rounded to one float: z - m is exact for the logits that
 carry the probability mass, so log-probs and softmax keep full float32 precision however large the logits
 (rounding m + log l to float32 at |z| ~ 1e4 would cost 5e-4 relative in every softmax value).
@@ -26,8 +32,9 @@ The shift of the Hugging Face convention (logits[:, t] scores labels[:, t + 1]) 
 sliced or narrowed logits view is read in place. All offsets are int64: N * T * V passes 2^31 at
 realistic sizes (16k tokens x 152k vocab).
 
-Bytes per scored row: forward reads V logits (+ one label, writes 12 bytes, + 4 per statistic); backward reads V + 1 logits and
-writes V gradients (unscored rows: writes V zeros only). Reference: ``fastdpo.reference.sequence_logps``.
+Bytes per scored row: forward reads V logits (+ one label, writes 12 bytes, + 4 per statistic; a split row writes
+and reads 8 bytes, or 24 with statistics, per chunk); backward reads V + 1 logits and writes V gradients (unscored
+rows: writes V zeros only). Reference: ``fastdpo.reference.sequence_logps``.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fastdpo._logps_outputs import STATS, LogpsForward, check_stats
-from fastdpo.kernels.heuristics import logps_config
+from fastdpo.kernels.heuristics import logps_config, split_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -78,67 +85,32 @@ def _one_minus_exp(x):
     return -tl.where(x < -1.0, u - 1.0, near_zero)
 
 
-@triton.jit
-def _logps_fwd_kernel(
-    logits_ptr,
-    ref_logits_ptr,
-    labels_ptr,
-    logp_ptr,
-    ref_logp_ptr,
-    lse_ptr,
-    stats_ptr,
-    ref_stats_ptr,
-    stride_logits_n,
-    stride_logits_t,
-    stride_ref_n,
-    stride_ref_t,
-    stride_labels_n,
-    stride_labels_t,
-    T,
-    T_rows,
-    n_rows,
-    V,
-    ignore_index,
-    logit_scale,
-    softcap,
-    inv_temperature,
-    SHIFT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    COMPUTE_ENTROPY: tl.constexpr,
-    COMPUTE_SUM_SQ: tl.constexpr,
-    COMPUTE_MEAN: tl.constexpr,
-    COMPUTE_TOP1: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    which = tl.program_id(1)  # 0: policy logits, 1: reference logits (grid axis 1 has size 1 without them)
-    n = row // T_rows
-    t = row - n * T_rows
-    row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
-    logp_out = logp_ptr + row
-    stats_out = stats_ptr + row  # channel k at + k * n_rows
-    if which == 1:
-        row_ptr = ref_logits_ptr + n * stride_ref_n + t * stride_ref_t
-        logp_out = ref_logp_ptr + row
-        stats_out = ref_stats_ptr + row
-    label, scored, in_vocab = _label_of_row(
-        labels_ptr, n, t + SHIFT, stride_labels_n, stride_labels_t, T, V, ignore_index
-    )
-    if not scored:  # the launcher zero-fills the statistics
-        tl.store(logp_out, 0.0)
-        tl.store(lse_ptr + row, 0.0, mask=which == 0)
-        tl.store(lse_ptr + n_rows + row, 0.0, mask=which == 0)
-        return
+# Phases of the forward kernel (its PHASE constexpr): one program per row folds every chunk itself (WHOLE_ROW), or,
+# when rows are too few to fill the GPU, one program per (row, chunk) writes the chunk's statistics (CHUNK_PARTIALS)
+# and a second launch folds them per row (FOLD_PARTIALS). Both fold the same chunks in the same order: same bits.
+WHOLE_ROW, CHUNK_PARTIALS, FOLD_PARTIALS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
+
+@triton.jit
+def _chunk_stats(
+    row_ptr, lo, hi, V, label, logit_scale, softcap, inv_temperature,
+    SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, COMPUTE_SUM_SQ: tl.constexpr, COMPUTE_MEAN: tl.constexpr,
+    COMPUTE_TOP1: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    """Online statistics of z over the columns [lo, hi) of one row, relative to their own max m:
+    (m, l = sum e^(z - m), h = sum e^(z - m) (z - m), q = sum e^(2 (z - m)), s = sum z, b = max z before the label).
+    lo is a multiple of BLOCK_V and hi is lo plus a multiple of it or V, so a block is masked against V alone,
+    which keeps the compiler's knowledge that V is a multiple of 16 (vectorised loads)."""
     offs_v = tl.arange(0, BLOCK_V)
-    m_i = tl.full((), float("-inf"), tl.float32)  # running max
-    l_i = tl.full((), 0.0, tl.float32)  # sum e^(z - m)
-    h_i = tl.full((), 0.0, tl.float32)  # sum e^(z - m) (z - m), for the entropy
-    q_i = tl.full((), 0.0, tl.float32)  # sum e^(2 (z - m)), for log sum p^2
-    s_i = tl.full((), 0.0, tl.float32)  # sum z, for the mean logit
-    b_i = tl.full((), float("-inf"), tl.float32)  # max of z before the label's index, for top-1 ties
-    for start in range(0, V, BLOCK_V):
-        offs = start + offs_v
+    m_i = tl.full((), float("-inf"), tl.float32)
+    l_i = tl.full((), 0.0, tl.float32)
+    h_i = tl.full((), 0.0, tl.float32)
+    q_i = tl.full((), 0.0, tl.float32)
+    s_i = tl.full((), 0.0, tl.float32)
+    b_i = tl.full((), float("-inf"), tl.float32)
+    # Counted blocks, not range(lo, hi, BLOCK_V): Triton 3.6 gives that loop twice the registers.
+    for k in range(0, tl.cdiv(hi - lo, BLOCK_V)):
+        offs = lo + k * BLOCK_V + offs_v
         mask_v = offs < V
         x = tl.load(row_ptr + offs, mask=mask_v, other=float("-inf")).to(tl.float32)
         z, _ = _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP)
@@ -163,6 +135,144 @@ def _logps_fwd_kernel(
             b_i = tl.maximum(b_i, tl.max(tl.where(offs < label, z, float("-inf")), axis=0))
         l_i = l_i * alpha + tl.sum(e, axis=0)
         m_i = m_new
+    return m_i, l_i, h_i, q_i, s_i, b_i
+
+
+@triton.jit
+def _fold(m_r, l_r, h_r, q_r, s_r, b_r, m_c, l_c, h_c, q_c, s_c, b_c, COMPUTE_ENTROPY: tl.constexpr,
+          COMPUTE_SUM_SQ: tl.constexpr):  # fmt: skip
+    """Running statistics (suffix _r, relative to m_r) merged with a chunk's (_c, relative to m_c), relative to
+    M = max(m_r, m_c):
+        l = l_r e^(m_r - M) + l_c e^(m_c - M)
+        h = e^(m_r - M) (h_r + (m_r - M) l_r) + e^(m_c - M) (h_c + (m_c - M) l_c)
+        q = q_r e^(2 (m_r - M)) + q_c e^(2 (m_c - M))
+    The first fold, into m_r = -inf, returns the chunk's values exactly."""
+    m_new = tl.maximum(m_r, m_c)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    a_r = tl.exp(m_r - m_safe)
+    a_c = tl.exp(m_c - m_safe)
+    if COMPUTE_ENTROPY:
+        m0_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        m0_c = tl.where(m_c == float("-inf"), 0.0, m_c)
+        h_r = a_r * (h_r + (m0_r - m_safe) * l_r) + a_c * (h_c + (m0_c - m_safe) * l_c)
+    if COMPUTE_SUM_SQ:
+        q_r = q_r * a_r * a_r + q_c * a_c * a_c
+    return m_new, l_r * a_r + l_c * a_c, h_r, q_r, s_r + s_c, tl.maximum(b_r, b_c)
+
+
+@triton.jit
+def _logps_fwd_kernel(
+    logits_ptr,
+    ref_logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    ref_logp_ptr,
+    lse_ptr,
+    stats_ptr,
+    ref_stats_ptr,
+    partials_ptr,
+    stride_logits_n,
+    stride_logits_t,
+    stride_ref_n,
+    stride_ref_t,
+    stride_labels_n,
+    stride_labels_t,
+    T,
+    T_rows,
+    n_rows,
+    V,
+    chunk_blocks,
+    ignore_index,
+    logit_scale,
+    softcap,
+    inv_temperature,
+    SHIFT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
+    COMPUTE_SUM_SQ: tl.constexpr,
+    COMPUTE_MEAN: tl.constexpr,
+    COMPUTE_TOP1: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    PHASE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(1)  # 0: policy logits, 1: reference logits (grid axis 1 has size 1 without them)
+    n = row // T_rows
+    t = row - n * T_rows
+    row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
+    logp_out = logp_ptr + row
+    stats_out = stats_ptr + row  # channel k at + k * n_rows
+    if which == 1:
+        row_ptr = ref_logits_ptr + n * stride_ref_n + t * stride_ref_t
+        logp_out = ref_logp_ptr + row
+        stats_out = ref_stats_ptr + row
+    label, scored, in_vocab = _label_of_row(
+        labels_ptr, n, t + SHIFT, stride_labels_n, stride_labels_t, T, V, ignore_index
+    )
+    if not scored:  # the launcher zero-fills the statistics
+        if PHASE != CHUNK_PARTIALS:
+            tl.store(logp_out, 0.0)
+            tl.store(lse_ptr + row, 0.0, mask=which == 0)
+            tl.store(lse_ptr + n_rows + row, 0.0, mask=which == 0)
+        return
+
+    # partials [6, n_chunks, grid axis 1, n_rows]: statistic k of chunk c at + (k * n_chunks + c) * stride_part
+    chunk_v = chunk_blocks * BLOCK_V
+    n_chunks = tl.cdiv(V, chunk_v)
+    stride_part = tl.num_programs(1) * n_rows
+    part_ptr = partials_ptr + which * n_rows + row
+    if PHASE == CHUNK_PARTIALS:
+        chunk = tl.program_id(2)
+        lo = chunk * chunk_v
+        m_c, l_c, h_c, q_c, s_c, b_c = _chunk_stats(
+            row_ptr, lo, tl.minimum(lo + chunk_v, V), V, label, logit_scale, softcap, inv_temperature, SOFTCAP,
+            COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V,
+        )  # fmt: skip
+        part_ptr += chunk * stride_part
+        tl.store(part_ptr, m_c)
+        tl.store(part_ptr + n_chunks * stride_part, l_c)
+        if COMPUTE_ENTROPY:
+            tl.store(part_ptr + 2 * n_chunks * stride_part, h_c)
+        if COMPUTE_SUM_SQ:
+            tl.store(part_ptr + 3 * n_chunks * stride_part, q_c)
+        if COMPUTE_MEAN:
+            tl.store(part_ptr + 4 * n_chunks * stride_part, s_c)
+        if COMPUTE_TOP1:
+            tl.store(part_ptr + 5 * n_chunks * stride_part, b_c)
+        return
+
+    m_i = tl.full((), float("-inf"), tl.float32)  # running max
+    l_i = tl.full((), 0.0, tl.float32)  # sum e^(z - m)
+    h_i = tl.full((), 0.0, tl.float32)  # sum e^(z - m) (z - m), for the entropy
+    q_i = tl.full((), 0.0, tl.float32)  # sum e^(2 (z - m)), for log sum p^2
+    s_i = tl.full((), 0.0, tl.float32)  # sum z, for the mean logit
+    b_i = tl.full((), float("-inf"), tl.float32)  # max of z before the label's index, for top-1 ties
+    for chunk in range(0, n_chunks):
+        if PHASE == WHOLE_ROW:
+            lo = chunk * chunk_v
+            m_c, l_c, h_c, q_c, s_c, b_c = _chunk_stats(
+                row_ptr, lo, tl.minimum(lo + chunk_v, V), V, label, logit_scale, softcap, inv_temperature, SOFTCAP,
+                COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V,
+            )  # fmt: skip
+        else:
+            c_ptr = part_ptr + chunk * stride_part
+            m_c = tl.load(c_ptr)
+            l_c = tl.load(c_ptr + n_chunks * stride_part)
+            h_c = 0.0
+            q_c = 0.0
+            s_c = 0.0
+            b_c = float("-inf")
+            if COMPUTE_ENTROPY:
+                h_c = tl.load(c_ptr + 2 * n_chunks * stride_part)
+            if COMPUTE_SUM_SQ:
+                q_c = tl.load(c_ptr + 3 * n_chunks * stride_part)
+            if COMPUTE_MEAN:
+                s_c = tl.load(c_ptr + 4 * n_chunks * stride_part)
+            if COMPUTE_TOP1:
+                b_c = tl.load(c_ptr + 5 * n_chunks * stride_part)
+        m_i, l_i, h_i, q_i, s_i, b_i = _fold(
+            m_i, l_i, h_i, q_i, s_i, b_i, m_c, l_c, h_c, q_c, s_c, b_c, COMPUTE_ENTROPY, COMPUTE_SUM_SQ
+        )
     m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
     log_l = tl.log(l_i)
 
@@ -205,6 +315,7 @@ def _logps_bwd_kernel(
     T_rows,
     n_rows,
     V,
+    chunk_blocks,
     ignore_index,
     logit_scale,
     softcap,
@@ -216,6 +327,8 @@ def _logps_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # over all N * T logits rows, so every gradient row is written
+    lo = tl.program_id(1) * chunk_blocks * BLOCK_V  # this program's columns: [lo, hi)
+    hi = tl.minimum(lo + chunk_blocks * BLOCK_V, V)
     n = row // T
     t = row - n * T
     label, scored, in_vocab = _label_of_row(
@@ -237,14 +350,17 @@ def _logps_bwd_kernel(
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
     grad_row_ptr = grad_logits_ptr + n * stride_grad_n + t * stride_grad_t
     # At the label, 1 - p is computed once per row from its log-prob, not as 1.0 - p in the loop: when p -> 1
-    # the subtraction keeps no correct digit (one extra element read, as in the forward).
-    x_label = tl.load(row_ptr + label, mask=scored & in_vocab, other=0.0).to(tl.float32)
+    # the subtraction keeps no correct digit (one extra element read, as in the forward). Only the program whose
+    # columns hold the label reads it, before it writes them: in place, another chunk's program may already have
+    # overwritten it.
+    has_label = scored & in_vocab & (label >= lo) & (label < hi)
+    x_label = tl.load(row_ptr + label, mask=has_label, other=0.0).to(tl.float32)
     z_label, _ = _transformed(x_label, logit_scale, softcap, inv_temperature, SOFTCAP)
     one_minus_p_label = _one_minus_exp(tl.minimum((z_label - m_i) - log_l, 0.0))
     offs_v = tl.arange(0, BLOCK_V)
     v_read = tl.where(scored, V, 0)  # unscored rows read nothing (fully masked loads) and write zeros
-    for start in range(0, V, BLOCK_V):
-        offs = start + offs_v
+    for k in range(0, tl.cdiv(hi - lo, BLOCK_V)):  # masked against V alone, counted: as in _chunk_stats
+        offs = lo + k * BLOCK_V + offs_v
         mask_v = offs < V
         x = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(tl.float32)
         z, t_cap = _transformed(x, logit_scale, softcap, inv_temperature, SOFTCAP)
@@ -292,12 +408,18 @@ def logps_fwd(
     ref_logits: torch.Tensor | None = None,
     stats: tuple[str, ...] = (),
     block_v: int | None = None,
+    chunk_v: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    split: bool | None = None,
 ) -> LogpsForward:
     """Per-token log-probs, log-sum-exps and the requested ``stats`` (see ``fastdpo._logps_outputs``) of
     z = f(logits) (``logit_scale``, ``softcap``, ``temperature``: see the module docstring).
 
     logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]``. ``ref_logits`` (same shape and dtype, any
-    strides) are read in the same launch, as a second slice of the grid.
+    strides) are read in the same launch, as a second slice of the grid. ``block_v``, ``chunk_v``, ``num_warps``,
+    ``num_stages`` override ``logps_config``; ``split`` overrides ``split_rows`` (one program per chunk of a row, then a fold
+    launch; the same bits either way).
     """
     _check_launch_args(logits, labels)
     check_stats(stats)
@@ -321,20 +443,30 @@ def logps_fwd(
     )
     if N * T_rows == 0:
         return out
-    cfg = logps_config(V, block_v)
+    cfg = logps_config(V, block_v, chunk_v=chunk_v, num_warps=num_warps, num_stages=num_stages)
+    n_rows, n_which, n_chunks = N * T_rows, 1 + has_ref, triton.cdiv(V, cfg.chunk_v)
+    split = n_chunks > 1 and split_rows(n_rows * n_which, logits.device, split)
+    # chunk statistics (m, l and, with statistics, h, q, s, b): [2 or 6, n_chunks, n_which, n_rows], float32
+    partials = torch.empty((6 if stats else 2, n_chunks, n_which, n_rows), **rows) if split else out.logp
     ref = ref_logits if has_ref else logits  # unused pointers get a valid tensor of the right type
     stats_buf = out.stats if stats else out.logp
+    args = (
+        logits, ref, labels, out.logp, out.ref_logp if has_ref else out.logp, out.lse,
+        stats_buf, out.ref_stats if stats and has_ref else stats_buf, partials,
+        logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), labels.stride(0), labels.stride(1),
+        T, T_rows, n_rows, V, cfg.chunk_v // cfg.block_v, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
+    )  # fmt: skip
+    flags = dict(
+        SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats,
+        COMPUTE_SUM_SQ="log_sum_sq_probs" in stats, COMPUTE_MEAN="mean_logits" in stats,
+        COMPUTE_TOP1="is_top1" in stats, BLOCK_V=cfg.block_v,
+    )  # fmt: skip
     with _device_guard(logits):
-        _logps_fwd_kernel[(N * T_rows, 1 + has_ref)](
-            logits, ref, labels, out.logp, out.ref_logp if has_ref else out.logp, out.lse,
-            stats_buf, out.ref_stats if stats and has_ref else stats_buf,
-            logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), labels.stride(0), labels.stride(1),
-            T, T_rows, N * T_rows, V, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
-            SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats,
-            COMPUTE_SUM_SQ="log_sum_sq_probs" in stats,
-            COMPUTE_MEAN="mean_logits" in stats, COMPUTE_TOP1="is_top1" in stats,
-            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
-        )  # fmt: skip
+        if split:
+            _logps_fwd_kernel[(n_rows, n_which, n_chunks)](*args, **flags, PHASE=CHUNK_PARTIALS, **cfg.launch())
+            _logps_fwd_kernel[(n_rows, n_which)](*args, **flags, PHASE=FOLD_PARTIALS, num_warps=1)
+        else:
+            _logps_fwd_kernel[(n_rows, n_which)](*args, **flags, PHASE=WHOLE_ROW, **cfg.launch())
     return out
 
 
@@ -354,6 +486,10 @@ def logps_bwd(
     inplace: bool = False,
     out: torch.Tensor | None = None,
     block_v: int | None = None,
+    chunk_v: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    split: bool | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp) + sum(grad_entropy * entropy)`` with respect to logits, ``[N, T, V]``
     in the logits' dtype, or written into ``out`` (``[N, T, V]``, unit stride in V, any float dtype: the
@@ -363,7 +499,9 @@ def logps_bwd(
     forward) is needed with ``grad_entropy``. The gradients are ``[N, T - shift]`` with any strides (the
     backward of ``.sum(1)`` hands in a stride-0 expand), or None. With ``inplace=True`` the gradient overwrites
     ``logits`` (same storage and strides): each program reads a block of its row before writing that block,
-    and rows are disjoint.
+    and rows are disjoint (a row split across programs, ``split``, is split into disjoint column chunks).
+    ``block_v``, ``chunk_v``, ``num_warps``, ``num_stages``, ``split``: as in ``logps_fwd``; the bits do not depend
+    on them.
     """
     _check_launch_args(logits, labels)
     N, T, V = logits.shape
@@ -374,7 +512,9 @@ def logps_bwd(
     grad = out
     if N * T == 0:
         return grad
-    cfg = logps_config(V, block_v, backward=True)
+    cfg = logps_config(V, block_v, backward=True, chunk_v=chunk_v, num_warps=num_warps, num_stages=num_stages)
+    n_chunks = triton.cdiv(V, cfg.chunk_v) if split_rows(N * T, logits.device, split) else 1
+    chunk_blocks = cfg.chunk_v // cfg.block_v if n_chunks > 1 else triton.cdiv(V, cfg.block_v)
     has_logp_grad, has_entropy_grad = grad_logp is not None, grad_entropy is not None
     if has_entropy_grad and entropy is None:
         raise ValueError("grad_entropy needs the forward's [N, T - shift] entropy")
@@ -383,13 +523,14 @@ def logps_bwd(
     g_logp = grad_logp if has_logp_grad else lse[0]  # unused pointers get a valid float32 tensor
     g_ent = grad_entropy if has_entropy_grad else lse[0]
     with _device_guard(logits):
-        _logps_bwd_kernel[(N * T,)](
+        _logps_bwd_kernel[(N * T, n_chunks)](
             logits, labels, lse, entropy if has_entropy_grad else lse, g_logp, g_ent, grad,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),
             g_logp.stride(0), g_logp.stride(1), g_ent.stride(0), g_ent.stride(1), grad.stride(0), grad.stride(1),
-            T, T - int(shift), N * (T - int(shift)), V, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
+            T, T - int(shift), N * (T - int(shift)), V, chunk_blocks, ignore_index, logit_scale, softcap or 1.0,
+            1.0 / temperature,
             SHIFT=int(shift), SOFTCAP=softcap is not None, HAS_LOGP_GRAD=has_logp_grad,
             HAS_ENTROPY_GRAD=has_entropy_grad,
-            BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+            BLOCK_V=cfg.block_v, **cfg.launch(),
         )  # fmt: skip
     return grad
