@@ -7,8 +7,9 @@
 #   3. the logits sweep (`benchmarks.run`), the headline size (N 8192, V 128256, bf16) first;
 #   4. the tuning sweep of fastdpo's kernels (`benchmarks.tune`: block, warps, stages, row split; one knob at a time);
 #   5. the fused-linear sweep (`benchmarks.fused_linear`).
-# Run from the repository root. The peers (TRL, Liger-Kernel, QuACK) are used when their wheels are carried in .whl/
-# (benchmarks/README.md says how to download them). Output: $OUT (the device tool's folder; default
+# Run from the repository root. The peers (TRL, Liger-Kernel, Cut Cross-Entropy, QuACK) are used when their wheels are
+# carried: `bash benchmarks/fetch_wheels.sh` here downloads them into .whl/, .whl-quack-1/ and .whl-quack-2/ and says
+# how to carry QuACK's two halves in two calls. Output: $OUT (the device tool's folder; default
 # benchmarks/results/gpu-session) gets session.log, tests.log and the three sweeps' JSON and CSV, 8 files (all the
 # device tool brings back); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
 # Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 110), BENCH_BUDGET_S (170),
@@ -18,7 +19,9 @@
 # fused-linear sweeps' arguments (e.g. `--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep),
 # TUNE_ARGS to the tuning sweep's (`--quick` for a dry run).
 #
-#   device run: command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600
+#   device run: command="ls .whl-quack-1", carry=[".whl-quack-1"], timeout_s=60       (QuACK's first half; skip
+#   device run: command="bash benchmarks/gpu_session.sh", carry=[".whl", ".whl-quack-2"], timeout_s=600    both
+#                                                                  halves to run without QuACK)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
@@ -28,9 +31,17 @@ LOG="$OUT/session.log"
 step() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
 
 step "machine"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+# The peers' wheels (benchmarks/fetch_wheels.sh): .whl/, and QuACK's in two halves carried by two calls
+mkdir -p /tmp/wheels
+cp .whl/*.whl .whl-quack-1/*.whl /tmp/wheels/ 2>/dev/null
+for part1 in .whl-quack-1/*.whl.part1; do
+  part2=".whl-quack-2/$(basename "${part1%.part1}").part2"
+  [ -f "$part1" ] && [ -f "$part2" ] && cat "$part1" "$part2" >"/tmp/wheels/$(basename "${part1%.part1}")"
+done
+if compgen -G "/tmp/wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/wheels/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/site
+  echo "carried wheels: $(cd /tmp/wheels && ls | tr '\n' ' ')" | tee -a "$LOG"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
