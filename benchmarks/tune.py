@@ -47,8 +47,8 @@ def variants(kernel: str, V: int) -> dict[str, dict]:
     """Name -> launcher keywords: the default, then one knob changed at a time."""
     cfg = logps_config(V, backward=kernel == "bwd")
     out = {"default": {}}
-    for block in (cfg.block_v // 2, cfg.block_v * 2):
-        out[f"block_v={block}"] = {"block_v": block}
+    for block in (cfg.block_v // 2, cfg.block_v * 2):  # warps and chunk held at the default's
+        out[f"block_v={block}"] = {"block_v": block, "num_warps": cfg.num_warps, "chunk_v": max(cfg.chunk_v, block)}
     for warps in {4, 8, 16} - {cfg.num_warps}:
         out[f"num_warps={warps}"] = {"num_warps": warps}
     for stages in (1, 2, 4):

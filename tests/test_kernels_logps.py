@@ -46,6 +46,7 @@ CASES = [
          special="block_shift"),
     Case("split-rows-label-in-last-chunk", 2, 5, 1000, block_v=128, chunk_v=384, split=True,
          special="last_block_labels"),
+    Case("finfo-min-masked-vocab", 2, 5, 1000, block_v=128, chunk_v=256, split=True, special="finfo_min_mask"),
 ]
 TRITON_KNOBS = ("block_v", "chunk_v", "split")
 
@@ -62,6 +63,8 @@ def _inputs(case: Case, dtype, device):
     if case.special == "block_shift":
         offsets = torch.where(torch.arange(V, device=device) < 256, 20.0, -20.0)
         logits = (logits.float() + offsets).to(dtype)
+    if case.special == "finfo_min_mask":  # masked vocabulary as some models write it: the dtype's lowest finite value
+        logits[..., :300] = torch.finfo(dtype).min
     if case.special == "large":
         logits = (logits.float() + 100.0).to(dtype)  # exp(z - 0) overflows float32 on unscored rows
     labels = make_labels(N, T, V, device)
@@ -69,6 +72,8 @@ def _inputs(case: Case, dtype, device):
         labels = torch.where(labels == IGNORE, labels, V - 1 - labels % 7)
     if case.special == "ignored_row":
         labels[1] = IGNORE
+    if case.special == "finfo_min_mask":
+        labels = torch.where(labels == IGNORE, labels, 300 + labels % (V - 300))
     return logits, labels
 
 
@@ -192,7 +197,7 @@ STAT_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10, 12, 13)], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10, 12, 13, 14)], ids=lambda c: c.id)
 @pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
 def test_statistics_and_reference_logits_in_one_sweep(impl, case, dtype, device):
     logits, labels = _inputs(case, dtype, device)

@@ -126,7 +126,8 @@ def _chunk_stats(
             # max so that H = log l - h / l has no cancellation at large |z|
             m_prev = tl.where(m_i == float("-inf"), 0.0, m_i)
             e_z = tl.where(z > float("-inf"), e * (z - m_safe), 0.0)
-            h_i = alpha * (h_i + (m_prev - m_safe) * l_i) + tl.sum(e_z, axis=0)
+            # clamped: below -1e4 alpha is 0 anyway, and (m - m') l would overflow for finite mask values (finfo.min)
+            h_i = alpha * (h_i + tl.maximum(m_prev - m_safe, -1e4) * l_i) + tl.sum(e_z, axis=0)
         if COMPUTE_SUM_SQ:
             q_i = q_i * alpha * alpha + tl.sum(e * e, axis=0)
         if COMPUTE_MEAN:
@@ -146,7 +147,10 @@ def _fold(m_r, l_r, h_r, q_r, s_r, b_r, m_c, l_c, h_c, q_c, s_c, b_c, COMPUTE_EN
         l = l_r e^(m_r - M) + l_c e^(m_c - M)
         h = e^(m_r - M) (h_r + (m_r - M) l_r) + e^(m_c - M) (h_c + (m_c - M) l_c)
         q = q_r e^(2 (m_r - M)) + q_c e^(2 (m_c - M))
-    The first fold, into m_r = -inf, returns the chunk's values exactly."""
+    The first fold, into m_r = -inf, returns the chunk's values exactly. Every product-plus-sum is an explicit
+    fma: no multiply is left for the compiler to contract, so the fold is the same arithmetic whether its chunk
+    values come from registers (WHOLE_ROW) or from memory (FOLD_PARTIALS); the chunk statistics themselves reach it
+    as sums and maxima, which nothing can fuse into."""
     m_new = tl.maximum(m_r, m_c)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     a_r = tl.exp(m_r - m_safe)
@@ -154,10 +158,12 @@ def _fold(m_r, l_r, h_r, q_r, s_r, b_r, m_c, l_c, h_c, q_c, s_c, b_c, COMPUTE_EN
     if COMPUTE_ENTROPY:
         m0_r = tl.where(m_r == float("-inf"), 0.0, m_r)
         m0_c = tl.where(m_c == float("-inf"), 0.0, m_c)
-        h_r = a_r * (h_r + (m0_r - m_safe) * l_r) + a_c * (h_c + (m0_c - m_safe) * l_c)
+        d_r = tl.maximum(m0_r - m_safe, -1e4)  # e^d is 0 below -1e4: keeps d l finite (finfo.min masks)
+        d_c = tl.maximum(m0_c - m_safe, -1e4)
+        h_r = tl.fma(a_r, tl.fma(d_r, l_r, h_r), a_c * tl.fma(d_c, l_c, h_c))
     if COMPUTE_SUM_SQ:
-        q_r = q_r * a_r * a_r + q_c * a_c * a_c
-    return m_new, l_r * a_r + l_c * a_c, h_r, q_r, s_r + s_c, tl.maximum(b_r, b_c)
+        q_r = tl.fma(q_r * a_r, a_r, (q_c * a_c) * a_c)
+    return m_new, tl.fma(l_r, a_r, l_c * a_c), h_r, q_r, s_r + s_c, tl.maximum(b_r, b_c)
 
 
 @triton.jit
@@ -219,7 +225,7 @@ def _logps_fwd_kernel(
     # partials [6, n_chunks, grid axis 1, n_rows]: statistic k of chunk c at + (k * n_chunks + c) * stride_part
     chunk_v = chunk_blocks * BLOCK_V
     n_chunks = tl.cdiv(V, chunk_v)
-    stride_part = tl.num_programs(1) * n_rows
+    stride_part = tl.num_programs(1).to(tl.int64) * n_rows
     part_ptr = partials_ptr + which * n_rows + row
     if PHASE == CHUNK_PARTIALS:
         chunk = tl.program_id(2)
