@@ -18,8 +18,9 @@ fetch() { python3 -m pip download -q --no-deps --only-binary=:all: "${PLATFORM[@
 
 fetch .whl trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 rm -rf .whl-quack-1 .whl-quack-2
+# libs-core holds the `cutlass` package itself; cuda-bindings, protobuf and einops are in the machine's image
 fetch .whl-quack-1 quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
-  apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
+  nvidia-cutlass-dsl-libs-core==4.8.1 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
 mkdir -p .whl-quack-2
 fetch /tmp/fastdpo-big-wheel nvidia-cutlass-dsl-libs-cu13==4.8.1
 big=$(ls /tmp/fastdpo-big-wheel/nvidia_cutlass_dsl_libs_cu13-*.whl)

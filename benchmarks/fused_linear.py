@@ -222,16 +222,17 @@ def main(argv=None) -> int:
     common = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
               "git_dirty": dirty, "command": command}  # fmt: skip
     runnable = {n: fn for n, (fn, why) in chosen.items() if not why}
-    rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
+    rows, all_rows, bar = [], [], progress(len(sizes) * len(runnable) * len(args.mode))
     for D, V, N in within_budget(sizes, args.budget_s):
         floor = measure_floor(N, D, V, dtype, device)
         inputs = make_inputs(N, D, V, dtype, device)
         for (impl, fn), mode in itertools.product(runnable.items(), args.mode):
             bar.set_postfix_str(f"{impl} {mode} N={N} D={D} V={V}")
             rows.append(measure(impl, fn, mode, N, D, V, dtype, inputs, floor, device) | common)
+            # after every case: a sweep interrupted at its time limit keeps all it measured
+            all_rows = write_results(rows, unavailable, args.out, slug, args.fresh, key=ROW_KEY)
             bar.update()
         del inputs
-        all_rows = write_results(rows, unavailable, args.out, slug, args.fresh, key=ROW_KEY)
     bar.close()
     cells = [{k: r.get(k) for k in TABLE} for r in rows]
     print(format_table(cells, TABLE))

@@ -12,10 +12,11 @@
 # how to carry QuACK's two halves in two calls. Output: $OUT (the device tool's folder; default
 # benchmarks/results/gpu-session) gets session.log, tests.log and the three sweeps' JSON and CSV, 8 files (all the
 # device tool brings back); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
-# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 110), BENCH_BUDGET_S (170),
-# TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget, and each step is killed at its
-# budget plus a margin for the size in flight (tests 20 s, logits 60 s, tuning and fused 40 s each): 540 s in all
-# with the defaults, inside the device tool's 600 s for one command. SWEEP_ARGS is added to the logits and
+# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 140), BENCH_BUDGET_S (140),
+# TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget and writes every row as it is
+# measured; each step is interrupted at its budget plus a margin for the size in flight (tests 0 s, logits 60 s,
+# tuning and fused 40 s each) and killed 10-15 s later: at most 565 s with the defaults, plus the wheels' install,
+# inside the device tool's 600 s for one command. SWEEP_ARGS is added to the logits and
 # fused-linear sweeps' arguments (e.g. `--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep),
 # TUNE_ARGS to the tuning sweep's (`--quick` for a dry run).
 #
@@ -25,7 +26,7 @@
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1  # no progress bars: their \r lines would swallow warnings in the log
 LOG="$OUT/session.log"
 
 step() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
@@ -39,25 +40,26 @@ for part1 in .whl-quack-1/*.whl.part1; do
   [ -f "$part1" ] && [ -f "$part2" ] && cat "$part1" "$part2" >"/tmp/wheels/$(basename "${part1%.part1}")"
 done
 if compgen -G "/tmp/wheels/*.whl" >/dev/null; then
+  # the CuTe DSL adds dsl_packages/ to sys.path through a .pth file, which Python reads in site-packages only
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    /tmp/wheels/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/site
+    /tmp/wheels/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
   echo "carried wheels: $(cd /tmp/wheels && ls | tr '\n' ' ')" | tee -a "$LOG"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   2>&1 | tee -a "$LOG"
 
-step "tests on CUDA (budget ${TEST_BUDGET_S:-110} s; all of pytest's output in tests.log)"
+step "tests on CUDA (budget ${TEST_BUDGET_S:-140} s; all of pytest's output in tests.log)"
 # SIGINT first: pytest then still prints its summary and the failures
-timeout -s INT -k 15 "${TEST_BUDGET_S:-110}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
+timeout -s INT -k 15 "${TEST_BUDGET_S:-140}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
   "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" \
-  tests/test_kernels_logps.py tests/test_ops_logps.py tests/test_api.py tests/test_batch_invariance.py \
-  tests/test_fused_linear.py tests/test_dpo_family.py tests/test_robustness.py tests/test_compile.py \
+  tests/test_kernels_logps.py tests/test_ops_logps.py tests/test_batch_invariance.py tests/test_compile.py \
+  tests/test_fused_linear.py tests/test_api.py tests/test_dpo_family.py tests/test_robustness.py \
   >"$OUT/tests.log" 2>&1
 echo "tests exit code: $?; summary: $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"
 
-step "logits sweep (budget ${BENCH_BUDGET_S:-170} s)"
-timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-170} + 60 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-170}" \
+step "logits sweep (budget ${BENCH_BUDGET_S:-140} s)"
+timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-140} + 60 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-140}" \
   --out "$OUT" --no-plots ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -80 >>"$LOG"
 
 step "tuning sweep (budget ${TUNE_BUDGET_S:-50} s)"

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         "device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
         "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
     }  # fmt: skip
-    rows, bar = [], progress(len(sizes) * len(runnable) * len(args.mode))
+    rows, all_rows, bar = [], [], progress(len(sizes) * len(runnable) * len(args.mode))
     for size in within_budget(sizes, args.budget_s):
         floor = timing.measure_floor(size.N * size.V, size.torch_dtype, device)
         inputs = shapes.make_inputs(size, device)
@@ -221,11 +221,12 @@ def main(argv=None) -> int:
             for mode in args.mode:
                 bar.set_postfix_str(f"{provider.name} {mode} N={size.N} V={size.V} {size.dtype}")
                 rows.append(guarded_case(provider, mode, size, inputs, floor, device) | common)
+                # after every case: a sweep interrupted at its time limit keeps all it measured
+                all_rows = write_results(rows, unavailable, args.out, slug, args.fresh)
                 if provider.clobbers_logits:
                     inputs[0].normal_(std=shapes.LOGIT_SCALE)
                 bar.update()
         del inputs
-        all_rows = write_results(rows, unavailable, args.out, slug, args.fresh)  # a killed sweep keeps its rows
     bar.close()
     print(format_table(rows))
     for row in rows:

@@ -84,13 +84,13 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def tune_size(size: shapes.Size, kernels, names, device, quick: bool) -> list[dict]:
+def tune_size(size: shapes.Size, kernels, names, device, quick: bool):
+    """The rows of one size, one variant at a time."""
     logits, labels, _ = shapes.make_inputs(size, device)
     logits, labels = logits.reshape(size.N, 1, size.V), labels.reshape(size.N, 1)
     grad_logp = torch.randn(size.N, 1, device=device)
     lse = logps.logps_fwd(logits, labels, shift=False, ignore_index=-100, temperature=1.0).lse
     floor = timing.measure_floor(logits.numel(), logits.dtype, device)
-    rows = []
     for kernel in kernels:
         launch = _launchers(kernel, logits, labels, grad_logp, lse)
         expected = launch({})
@@ -107,15 +107,14 @@ def tune_size(size: shapes.Size, kernels, names, device, quick: bool) -> list[di
                 diff = max_rel_diff(launch(kw), expected)
                 row["max_rel_diff"] = diff
                 if not diff <= MAX_REL_DIFF:
-                    rows.append(row | {"status": "failed", "note": f"differs from the default by {diff:.2e}"})
+                    yield row | {"status": "failed", "note": f"differs from the default by {diff:.2e}"}
                     continue
                 t = timing.bench(lambda kw=kw, launch=launch: launch(kw), device)
             except Exception as exc:  # noqa: BLE001 - a variant that does not compile or run is a row, not the end
-                rows.append(row | {"status": "error", "note": f"{type(exc).__name__}: {exc}"})
+                yield row | {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
                 continue
-            rows.append(row | {"status": "ok", "ms_p50": t.p50, "ms_p20": t.p20, "ms_p80": t.p80, "reps": t.reps,
-                               "gbps": floor_bytes / t.p50 / 1e6, "floor_fraction": floor_ms / t.p50})  # fmt: skip
-    return rows
+            yield row | {"status": "ok", "ms_p50": t.p50, "ms_p20": t.p20, "ms_p80": t.p80, "reps": t.reps,
+                         "gbps": floor_bytes / t.p50 / 1e6, "floor_fraction": floor_ms / t.p50}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -134,8 +133,9 @@ def main(argv=None) -> int:
     rows, start = [], time.monotonic()
     for size in run.within_budget(sizes, args.budget_s):
         print(f"N {size.N} V {size.V} {size.dtype} ({time.monotonic() - start:.0f} s)", flush=True)
-        rows += [r | meta for r in tune_size(size, args.kernel, args.variant, device, args.quick)]
-        run.write_results(rows, {}, args.out, "tune-" + run.device_slug(name, device), fresh=False, key=ROW_KEY)
+        for row in tune_size(size, args.kernel, args.variant, device, args.quick):
+            rows.append(row | meta)  # written after every variant: an interrupted sweep keeps what it measured
+            run.write_results(rows, {}, args.out, "tune-" + run.device_slug(name, device), fresh=False, key=ROW_KEY)
     print(run.format_table(rows, TABLE_COLUMNS))
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
