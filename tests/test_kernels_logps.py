@@ -186,6 +186,18 @@ def test_split_rows_give_the_same_bits(dtype, device):
     assert torch.equal(in_place, expected)
 
 
+def test_rows_are_split_below_four_per_sm(monkeypatch):
+    """The row split follows the number of programs against the GPU's SMs (never the CPU's interpreter), and an
+    explicit ``split`` wins."""
+    from fastdpo.kernels import heuristics
+
+    monkeypatch.setattr(heuristics, "_multiprocessor_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert heuristics.split_rows(4 * 132 - 1, cuda) and not heuristics.split_rows(4 * 132, cuda)
+    assert not heuristics.split_rows(1, torch.device("cpu"))
+    assert heuristics.split_rows(10**6, cuda, split=True) and not heuristics.split_rows(1, cuda, split=False)
+
+
 def test_chunk_must_be_a_multiple_of_the_block(device):
     logits, labels = make_logits(1, 2, 300, torch.float32, device), make_labels(1, 2, 300, device)
     with pytest.raises(ValueError, match="chunk_v must be a positive multiple of block_v = 128, got 200"):
