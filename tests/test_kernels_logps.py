@@ -163,7 +163,8 @@ def test_launcher_rejects_bad_layout(device):
 def test_split_rows_give_the_same_bits(dtype, device):
     """A row's chunks run in one program, or one program each and a fold launch (what CUDA picks for few rows):
     both fold the same chunk statistics in the same order, so every output is the same bits, which batch
-    invariance rests on. The backward's split gives each program its own columns, in place too."""
+    invariance rests on. The backward's split gives each program its own columns, in place too. Software
+    pipelining (``num_stages``) reorders loads, never arithmetic (on CUDA; the interpreter ignores it)."""
     N, T, V = 3, 5, 1000
     logits, ref_logits = make_logits(N, T, V, dtype, device), make_logits(N, T, V, dtype, device)
     logits[0, :, 256:512] = float("-inf")  # a whole chunk of -inf (masked vocabulary) on one row
@@ -172,8 +173,10 @@ def test_split_rows_give_the_same_bits(dtype, device):
     kw = dict(shift=True, ignore_index=IGNORE, temperature=0.9, block_v=128, chunk_v=256)
     whole = triton_logps.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, split=False, **kw)
     split = triton_logps.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, split=True, **kw)
-    for name, a, b in zip(whole._fields, whole, split):
-        assert torch.equal(a, b), name
+    unpipelined = triton_logps.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, split=False,
+                                         num_stages=1, **kw)  # fmt: skip
+    for name, a, b, c in zip(whole._fields, whole, split, unpipelined):
+        assert torch.equal(a, b) and torch.equal(a, c), name
     # (the mean logit of row 0 is -inf, as it should be)
     assert torch.isfinite(whole.logp).all() and torch.isfinite(whole.stats[STATS.index("entropy")]).all()
 
@@ -182,6 +185,7 @@ def test_split_rows_give_the_same_bits(dtype, device):
     bwd = dict(kw, entropy=entropy, grad_entropy=torch.randn_like(g))
     expected = triton_logps.logps_bwd(logits, labels, whole.lse, g, split=False, **bwd)
     assert torch.equal(triton_logps.logps_bwd(logits, labels, whole.lse, g, split=True, **bwd), expected)
+    assert torch.equal(triton_logps.logps_bwd(logits, labels, whole.lse, g, num_stages=1, **bwd), expected)
     in_place = triton_logps.logps_bwd(logits.clone(), labels, whole.lse, g, split=True, inplace=True, **bwd)
     assert torch.equal(in_place, expected)
 

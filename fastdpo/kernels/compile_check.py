@@ -42,6 +42,7 @@ FLOAT_ARGS = {"logit_scale", "softcap", "inv_temperature"}
 INT_ARGS = {"T", "T_rows", "n_rows", "V", "chunk_blocks", "ignore_index"}
 CONSTEXPRS = {
     "SHIFT": lambda cfg, phase: 1, "BLOCK_V": lambda cfg, phase: cfg.block_v, "PHASE": lambda cfg, phase: phase,
+    "NUM_STAGES": lambda cfg, phase: cfg.num_stages,
 }
 # The forward kernel's phases (logps.WHOLE_ROW, CHUNK_PARTIALS, FOLD_PARTIALS), each a compiled kernel of its own;
 # the fold runs with one warp (scalar work per row), as the launcher runs it.

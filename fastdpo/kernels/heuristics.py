@@ -36,26 +36,30 @@ BWD_CHUNK_BLOCKS = 8
 # are half an SM's 64 warps, about as few as still keep enough loads in flight to stream HBM (N 256 rows on
 # 132 SMs is 2 per SM: a quarter of the warps). A first choice by that arithmetic, to be replaced by measurement.
 SPLIT_BELOW_ROWS_PER_SM = 4
+# Software pipelining of the loop over a row's blocks (``tl.range(..., num_stages=)``): with 3 stages the next two
+# blocks are already loading (cp.async into shared memory, 2 x BLOCK_V x 2 bytes = 8 KB a program in bf16) while this
+# one is reduced, instead of one block in flight between reductions. Triton pipelines such a loop only when the loop
+# asks for it: the launch's num_stages leaves loads that feed no dot alone (the PTX has no cp.async either way). 3
+# is Triton's own default depth; by the arithmetic in benchmarks/NOTES.md one block in flight per program is at the
+# edge of what an H200 needs, so a deeper pipeline is the first choice, to be confirmed by the tuning sweep.
+PIPELINE_STAGES = 3
 
 
 @dataclass(frozen=True)
 class LogpsConfig:
-    """Block size over the vocabulary, warps per program, and the vocabulary chunk one program takes when a row
-    is split across programs (forward: also the unit the log-sum-exp is folded in)."""
+    """Block size over the vocabulary, warps per program, the vocabulary chunk one program takes when a row is
+    split across programs (forward: also the unit the log-sum-exp is folded in), and the software-pipelining depth
+    of the loop over blocks (1: none)."""
 
     block_v: int
     num_warps: int
     chunk_v: int
-    num_stages: int | None = None  # None: Triton's default
-
-    def launch(self) -> dict:
-        """The launch keywords: num_warps, and num_stages when set."""
-        return {"num_warps": self.num_warps} | ({} if self.num_stages is None else {"num_stages": self.num_stages})
+    num_stages: int
 
 
 def logps_config(
     V: int, block_v: int | None = None, *, backward: bool = False, chunk_v: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int = PIPELINE_STAGES,
 ) -> LogpsConfig:  # fmt: skip
     """Pick ``BLOCK_V``, ``num_warps`` and the chunk for rows of ``V`` logits. A function of V alone, never of
     the number of rows: that is what makes a row's log-prob the same bits in any batch.

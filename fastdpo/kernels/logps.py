@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fastdpo._logps_outputs import STATS, LogpsForward, check_stats
-from fastdpo.kernels.heuristics import logps_config, split_rows
+from fastdpo.kernels.heuristics import PIPELINE_STAGES, logps_config, split_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,7 +95,7 @@ WHOLE_ROW, CHUNK_PARTIALS, FOLD_PARTIALS = tl.constexpr(0), tl.constexpr(1), tl.
 def _chunk_stats(
     row_ptr, lo, hi, V, label, logit_scale, softcap, inv_temperature,
     SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, COMPUTE_SUM_SQ: tl.constexpr, COMPUTE_MEAN: tl.constexpr,
-    COMPUTE_TOP1: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_TOP1: tl.constexpr, BLOCK_V: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Online statistics of z over the columns [lo, hi) of one row, relative to their own max m:
     (m, l = sum e^(z - m), h = sum e^(z - m) (z - m), q = sum e^(2 (z - m)), s = sum z, b = max z before the label).
@@ -109,7 +109,7 @@ def _chunk_stats(
     s_i = tl.full((), 0.0, tl.float32)
     b_i = tl.full((), float("-inf"), tl.float32)
     # Counted blocks, not range(lo, hi, BLOCK_V): Triton 3.6 gives that loop twice the registers.
-    for k in range(0, tl.cdiv(hi - lo, BLOCK_V)):
+    for k in tl.range(0, tl.cdiv(hi - lo, BLOCK_V), num_stages=NUM_STAGES):
         offs = lo + k * BLOCK_V + offs_v
         mask_v = offs < V
         x = tl.load(row_ptr + offs, mask=mask_v, other=float("-inf")).to(tl.float32)
@@ -199,6 +199,7 @@ def _logps_fwd_kernel(
     COMPUTE_MEAN: tl.constexpr,
     COMPUTE_TOP1: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     PHASE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -232,7 +233,7 @@ def _logps_fwd_kernel(
         lo = chunk * chunk_v
         m_c, l_c, h_c, q_c, s_c, b_c = _chunk_stats(
             row_ptr, lo, tl.minimum(lo + chunk_v, V), V, label, logit_scale, softcap, inv_temperature, SOFTCAP,
-            COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V,
+            COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V, NUM_STAGES,
         )  # fmt: skip
         part_ptr += chunk * stride_part
         tl.store(part_ptr, m_c)
@@ -258,7 +259,7 @@ def _logps_fwd_kernel(
             lo = chunk * chunk_v
             m_c, l_c, h_c, q_c, s_c, b_c = _chunk_stats(
                 row_ptr, lo, tl.minimum(lo + chunk_v, V), V, label, logit_scale, softcap, inv_temperature, SOFTCAP,
-                COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V,
+                COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V, NUM_STAGES,
             )  # fmt: skip
         else:
             c_ptr = part_ptr + chunk * stride_part
@@ -331,6 +332,7 @@ def _logps_bwd_kernel(
     HAS_LOGP_GRAD: tl.constexpr,
     HAS_ENTROPY_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # over all N * T logits rows, so every gradient row is written
     lo = tl.program_id(1) * chunk_blocks * BLOCK_V  # this program's columns: [lo, hi)
@@ -365,7 +367,8 @@ def _logps_bwd_kernel(
     one_minus_p_label = _one_minus_exp(tl.minimum((z_label - m_i) - log_l, 0.0))
     offs_v = tl.arange(0, BLOCK_V)
     v_read = tl.where(scored, V, 0)  # unscored rows read nothing (fully masked loads) and write zeros
-    for k in range(0, tl.cdiv(hi - lo, BLOCK_V)):  # masked against V alone, counted: as in _chunk_stats
+    # masked against V alone, counted and pipelined: as in _chunk_stats
+    for k in tl.range(0, tl.cdiv(hi - lo, BLOCK_V), num_stages=NUM_STAGES):
         offs = lo + k * BLOCK_V + offs_v
         mask_v = offs < V
         x = tl.load(row_ptr + offs, mask=offs < v_read, other=0.0).to(tl.float32)
@@ -416,7 +419,7 @@ def logps_fwd(
     block_v: int | None = None,
     chunk_v: int | None = None,
     num_warps: int | None = None,
-    num_stages: int | None = None,
+    num_stages: int = PIPELINE_STAGES,
     split: bool | None = None,
 ) -> LogpsForward:
     """Per-token log-probs, log-sum-exps and the requested ``stats`` (see ``fastdpo._logps_outputs``) of
@@ -465,14 +468,15 @@ def logps_fwd(
     flags = dict(
         SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats,
         COMPUTE_SUM_SQ="log_sum_sq_probs" in stats, COMPUTE_MEAN="mean_logits" in stats,
-        COMPUTE_TOP1="is_top1" in stats, BLOCK_V=cfg.block_v,
+        COMPUTE_TOP1="is_top1" in stats, BLOCK_V=cfg.block_v, NUM_STAGES=cfg.num_stages,
     )  # fmt: skip
     with _device_guard(logits):
         if split:
-            _logps_fwd_kernel[(n_rows, n_which, n_chunks)](*args, **flags, PHASE=CHUNK_PARTIALS, **cfg.launch())
+            _logps_fwd_kernel[(n_rows, n_which, n_chunks)](*args, **flags, PHASE=CHUNK_PARTIALS,
+                                                           num_warps=cfg.num_warps)  # fmt: skip
             _logps_fwd_kernel[(n_rows, n_which)](*args, **flags, PHASE=FOLD_PARTIALS, num_warps=1)
         else:
-            _logps_fwd_kernel[(n_rows, n_which)](*args, **flags, PHASE=WHOLE_ROW, **cfg.launch())
+            _logps_fwd_kernel[(n_rows, n_which)](*args, **flags, PHASE=WHOLE_ROW, num_warps=cfg.num_warps)
     return out
 
 
@@ -494,7 +498,7 @@ def logps_bwd(
     block_v: int | None = None,
     chunk_v: int | None = None,
     num_warps: int | None = None,
-    num_stages: int | None = None,
+    num_stages: int = PIPELINE_STAGES,
     split: bool | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp) + sum(grad_entropy * entropy)`` with respect to logits, ``[N, T, V]``
@@ -537,6 +541,6 @@ def logps_bwd(
             1.0 / temperature,
             SHIFT=int(shift), SOFTCAP=softcap is not None, HAS_LOGP_GRAD=has_logp_grad,
             HAS_ENTROPY_GRAD=has_entropy_grad,
-            BLOCK_V=cfg.block_v, **cfg.launch(),
+            BLOCK_V=cfg.block_v, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )  # fmt: skip
     return grad
