@@ -39,8 +39,8 @@ SPLIT_BELOW_ROWS_PER_SM = 4
 # Software pipelining of the loop over a row's blocks (``tl.range(..., num_stages=)``): with 3 stages the next two
 # blocks are already loading (cp.async into shared memory, 2 x BLOCK_V x 2 bytes = 8 KB a program in bf16) while this
 # one is reduced, instead of one block in flight between reductions. Triton pipelines such a loop only when the loop
-# asks for it: the launch's num_stages leaves loads that feed no dot alone (the PTX has no cp.async either way). 3
-# is Triton's own default depth; by the arithmetic in benchmarks/NOTES.md one block in flight per program is at the
+# asks for it: the launch's num_stages leaves loads that feed no dot alone (at any launch value the PTX had no
+# cp.async). 3 is Triton's own default depth; by the arithmetic in benchmarks/NOTES.md one block in flight per program is at the
 # edge of what an H200 needs, so a deeper pipeline is the first choice, to be confirmed by the tuning sweep.
 PIPELINE_STAGES = 3
 
@@ -61,11 +61,11 @@ def logps_config(
     V: int, block_v: int | None = None, *, backward: bool = False, chunk_v: int | None = None,
     num_warps: int | None = None, num_stages: int = PIPELINE_STAGES,
 ) -> LogpsConfig:  # fmt: skip
-    """Pick ``BLOCK_V``, ``num_warps`` and the chunk for rows of ``V`` logits. A function of V alone, never of
-    the number of rows: that is what makes a row's log-prob the same bits in any batch.
+    """Pick ``BLOCK_V``, ``num_warps``, the chunk and the pipelining depth for rows of ``V`` logits. A function of
+    V alone, never of the number of rows: that is what makes a row's log-prob the same bits in any batch.
 
     The keywords override the choice (tests force several blocks and chunks per row; the tuning sweep tries
-    variants): ``block_v`` a power of two, ``chunk_v`` a multiple of it.
+    variants): ``block_v`` a power of two, ``chunk_v`` a multiple of it, ``num_stages`` >= 1.
     """
     if block_v is None:
         block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V_BWD if backward else MAX_BLOCK_V_FWD)
@@ -77,10 +77,12 @@ def logps_config(
         raise ValueError(f"chunk_v must be a positive multiple of block_v = {block_v}, got {chunk_v}")
     if num_warps is None:
         num_warps = 8 if block_v >= WIDE_BLOCK_V else 4
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1 (1: no pipelining), got {num_stages}")
     return LogpsConfig(block_v=block_v, num_warps=num_warps, chunk_v=chunk_v, num_stages=num_stages)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
