@@ -34,6 +34,7 @@ if not torch.cuda.is_available():  # Triton kernels on CPU tensors: the interpre
 import triton  # noqa: E402
 
 from benchmarks import run, shapes, timing  # noqa: E402
+from fastdpo._testing import relative_error  # noqa: E402
 from fastdpo.kernels import logps  # noqa: E402
 from fastdpo.kernels.heuristics import logps_config  # noqa: E402
 
@@ -79,11 +80,6 @@ def _launchers(kernel, logits, labels, grad_logp, lse):
     return lambda kw: logps.logps_bwd(logits, labels, lse, grad_logp, **common, **kw)
 
 
-def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def tune_size(size: shapes.Size, kernels, names, device, quick: bool):
     """The rows of one size, one variant at a time."""
     logits, labels, _ = shapes.make_inputs(size, device)
@@ -104,7 +100,7 @@ def tune_size(size: shapes.Size, kernels, names, device, quick: bool):
             row = {"kernel": kernel, "variant": name, "N": size.N, "V": size.V, "dtype": size.dtype,
                    "floor_ms": floor_ms, "floor_bytes": floor_bytes}  # fmt: skip
             try:
-                diff = max_rel_diff(launch(kw), expected)
+                diff = relative_error(launch(kw), expected)[0]
                 row["max_rel_diff"] = diff
                 if not diff <= MAX_REL_DIFF:
                     yield row | {"status": "failed", "note": f"differs from the default by {diff:.2e}"}

@@ -30,25 +30,8 @@ import torch
 import torch.distributed as dist
 
 from fastdpo import _validation
+from fastdpo._collectives import collective_device, gather_ints
 from fastdpo.sequences import SequenceLayout
-
-
-def collective_device(group, like: torch.device | None = None) -> torch.device:
-    """Where a collective's host-built tensors live: for NCCL the data's CUDA device (``like``) or else the current
-    one, for other backends the CPU."""
-    if dist.get_backend(group) != "nccl":
-        return torch.device("cpu")
-    return like if like is not None and like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-
-
-def gather_ints(values, group, device: torch.device | None = None) -> list[list[int]]:
-    """Every rank's ``values`` (a few integers or 0-d integer tensors), in rank order: one all-gather of
-    ``len(values)`` integers per rank and one host sync."""
-    cdev = collective_device(group, device)
-    mine = torch.stack([torch.as_tensor(v).to(device=cdev, dtype=torch.long) for v in values])
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, mine, group=group)
-    return torch.stack(parts).tolist()
 
 
 class _SumAcrossRanks(torch.autograd.Function):
@@ -90,9 +73,7 @@ class ContextParallelLayout(SequenceLayout):
     def rank(self, scored: torch.Tensor) -> torch.Tensor:
         if self.total is None:
             self.positions, self.total = resolve_positions(self.positions, scored.shape[1], self.group, scored.device)
-        whole = scored.new_zeros((scored.shape[0], self.total), dtype=torch.int32)
-        whole[:, self.positions] = scored.to(torch.int32)
-        dist.all_reduce(whole, group=self.group)  # the whole row's scored mask (positions are disjoint)
+        whole = _whole_rows(scored.to(torch.int32), self.positions, self.total, self.group)  # the scored mask
         running = whole.long().cumsum(1)
         if self.packed:  # count from each sequence's start
             sequence = torch.searchsorted(self.ends, torch.arange(self.total, device=scored.device), right=True)
@@ -140,12 +121,12 @@ def _check_positions(positions: torch.Tensor, tensor: torch.Tensor) -> torch.Ten
     return positions.reshape(-1).long()
 
 
-def _whole_row(values: torch.Tensor, positions: torch.Tensor, total: int, group) -> torch.Tensor:
-    """This rank's share ``[1, T_r]`` of a row -> the whole row ``[1, total]`` (one all-reduce of ``total``
-    integers: every position is held by exactly one rank)."""
+def _whole_rows(values: torch.Tensor, positions: torch.Tensor, total: int, group) -> torch.Tensor:
+    """This rank's share ``[N, T_r]`` of rows -> the whole rows ``[N, total]``, in ``values``' dtype (one all-reduce
+    of ``N * total`` values: every position is held by exactly one rank)."""
     device = collective_device(group, values.device)
-    whole = torch.zeros(1, total, dtype=torch.long, device=device)
-    whole[:, positions.to(device)] = values.to(device=device, dtype=torch.long)
+    whole = values.new_zeros((values.shape[0], total), device=device)
+    whole[:, positions.to(device)] = values.to(device)
     dist.all_reduce(whole, group=group)
     return whole.to(values.device)
 
@@ -161,6 +142,6 @@ def make_layout(tensor: torch.Tensor, labels: torch.Tensor, *, group, cu_seq_len
     positions, total = resolve_positions(positions, tensor.shape[1], group, tensor.device)
     if position_ids is not None:
         _validation.check_position_ids(position_ids, tensor, name=name, what="this rank's share: ")
-        position_ids = _whole_row(position_ids, positions, total, group)
+        position_ids = _whole_rows(position_ids.long(), positions, total, group)
     cu_seq_lens = _validation.check_packing(tensor, cu_seq_lens, position_ids, name=name, total_T=total)
     return ContextParallelLayout(labels, group=group, cu_seq_lens=cu_seq_lens, positions=positions, total=total)

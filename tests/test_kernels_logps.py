@@ -51,6 +51,12 @@ CASES = [
 TRITON_KNOBS = ("block_v", "chunk_v", "split")
 
 
+def _launch_kw(impl, case: Case) -> dict:
+    """The launcher keywords of a case; the Triton knobs for the Triton launchers only."""
+    kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
+    return kw | {k: getattr(case, k) for k in TRITON_KNOBS} if impl is triton_logps else kw
+
+
 def _inputs(case: Case, dtype, device):
     N, T, V = case.N, case.T, case.V
     if case.special == "view":
@@ -78,9 +84,7 @@ def _inputs(case: Case, dtype, device):
 
 
 def _run(impl, case, logits, labels, grad_logp):
-    kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
-    if impl is triton_logps:
-        kw.update({k: getattr(case, k) for k in TRITON_KNOBS})
+    kw = _launch_kw(impl, case)
     out = impl.logps_fwd(logits, labels, **kw)
     grad = impl.logps_bwd(logits, labels, out.lse, grad_logp, **kw)
     return out.logp, out.lse, grad
@@ -218,9 +222,7 @@ STAT_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 def test_statistics_and_reference_logits_in_one_sweep(impl, case, dtype, device):
     logits, labels = _inputs(case, dtype, device)
     ref_logits = make_logits(case.N, case.T, case.V, dtype, device)
-    kw = dict(shift=case.shift, ignore_index=IGNORE, temperature=case.temperature)
-    if impl is triton_logps:
-        kw.update({k: getattr(case, k) for k in TRITON_KNOBS})
+    kw = _launch_kw(impl, case)
     out = impl.logps_fwd(logits, labels, ref_logits=ref_logits, stats=STATS, **kw)
 
     for which, (x, logp, stats) in enumerate([(logits, out.logp, out.stats), (ref_logits, out.ref_logp, out.ref_stats)]):

@@ -37,11 +37,12 @@ BWD_CHUNK_BLOCKS = 8
 # 132 SMs is 2 per SM: a quarter of the warps). A first choice by that arithmetic, to be replaced by measurement.
 SPLIT_BELOW_ROWS_PER_SM = 4
 # Software pipelining of the loop over a row's blocks (``tl.range(..., num_stages=)``): with 3 stages the next two
-# blocks are already loading (cp.async into shared memory, 2 x BLOCK_V x 2 bytes = 8 KB a program in bf16) while this
-# one is reduced, instead of one block in flight between reductions. Triton pipelines such a loop only when the loop
-# asks for it: the launch's num_stages leaves loads that feed no dot alone (at any launch value the PTX had no
-# cp.async). 3 is Triton's own default depth; by the arithmetic in benchmarks/NOTES.md one block in flight per program is at the
-# edge of what an H200 needs, so a deeper pipeline is the first choice, to be confirmed by the tuning sweep.
+# blocks are already loading (cp.async into shared memory, 2 x BLOCK_V x 2 bytes = 8 KB a program in bf16) while
+# this one is reduced, instead of one block in flight between reductions. Triton pipelines such a loop only when
+# the loop asks for it: the launch's num_stages leaves loads that feed no dot alone (at any launch value the PTX
+# had no cp.async). 3 is Triton's own default depth; by the arithmetic in benchmarks/NOTES.md one block in flight
+# per program is at the edge of what an H200 needs, so a deeper pipeline is the first choice, to be confirmed by
+# the tuning sweep.
 PIPELINE_STAGES = 3
 
 
@@ -59,7 +60,7 @@ class LogpsConfig:
 
 def logps_config(
     V: int, block_v: int | None = None, *, backward: bool = False, chunk_v: int | None = None,
-    num_warps: int | None = None, num_stages: int = PIPELINE_STAGES,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> LogpsConfig:  # fmt: skip
     """Pick ``BLOCK_V``, ``num_warps``, the chunk and the pipelining depth for rows of ``V`` logits. A function of
     V alone, never of the number of rows: that is what makes a row's log-prob the same bits in any batch.
@@ -77,6 +78,8 @@ def logps_config(
         raise ValueError(f"chunk_v must be a positive multiple of block_v = {block_v}, got {chunk_v}")
     if num_warps is None:
         num_warps = 8 if block_v >= WIDE_BLOCK_V else 4
+    if num_stages is None:
+        num_stages = PIPELINE_STAGES
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1 (1: no pipelining), got {num_stages}")
     return LogpsConfig(block_v=block_v, num_warps=num_warps, chunk_v=chunk_v, num_stages=num_stages)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fastdpo._logps_outputs import STATS, LogpsForward, check_stats
-from fastdpo.kernels.heuristics import PIPELINE_STAGES, logps_config, split_rows
+from fastdpo.kernels.heuristics import logps_config, split_rows
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -223,10 +223,11 @@ def _logps_fwd_kernel(
             tl.store(lse_ptr + n_rows + row, 0.0, mask=which == 0)
         return
 
-    # partials [6, n_chunks, grid axis 1, n_rows]: statistic k of chunk c at + (k * n_chunks + c) * stride_part
+    # partials [6, n_chunks, grid axis 1, n_rows]: statistic k of chunk c at + k * stride_stat + c * stride_chunk
     chunk_v = chunk_blocks * BLOCK_V
     n_chunks = tl.cdiv(V, chunk_v)
-    stride_part = tl.num_programs(1).to(tl.int64) * n_rows
+    stride_chunk = tl.num_programs(1).to(tl.int64) * n_rows
+    stride_stat = n_chunks * stride_chunk
     part_ptr = partials_ptr + which * n_rows + row
     if PHASE == CHUNK_PARTIALS:
         chunk = tl.program_id(2)
@@ -235,17 +236,17 @@ def _logps_fwd_kernel(
             row_ptr, lo, tl.minimum(lo + chunk_v, V), V, label, logit_scale, softcap, inv_temperature, SOFTCAP,
             COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V, NUM_STAGES,
         )  # fmt: skip
-        part_ptr += chunk * stride_part
+        part_ptr += chunk * stride_chunk
         tl.store(part_ptr, m_c)
-        tl.store(part_ptr + n_chunks * stride_part, l_c)
+        tl.store(part_ptr + stride_stat, l_c)
         if COMPUTE_ENTROPY:
-            tl.store(part_ptr + 2 * n_chunks * stride_part, h_c)
+            tl.store(part_ptr + 2 * stride_stat, h_c)
         if COMPUTE_SUM_SQ:
-            tl.store(part_ptr + 3 * n_chunks * stride_part, q_c)
+            tl.store(part_ptr + 3 * stride_stat, q_c)
         if COMPUTE_MEAN:
-            tl.store(part_ptr + 4 * n_chunks * stride_part, s_c)
+            tl.store(part_ptr + 4 * stride_stat, s_c)
         if COMPUTE_TOP1:
-            tl.store(part_ptr + 5 * n_chunks * stride_part, b_c)
+            tl.store(part_ptr + 5 * stride_stat, b_c)
         return
 
     m_i = tl.full((), float("-inf"), tl.float32)  # running max
@@ -262,21 +263,21 @@ def _logps_fwd_kernel(
                 COMPUTE_ENTROPY, COMPUTE_SUM_SQ, COMPUTE_MEAN, COMPUTE_TOP1, BLOCK_V, NUM_STAGES,
             )  # fmt: skip
         else:
-            c_ptr = part_ptr + chunk * stride_part
+            c_ptr = part_ptr + chunk * stride_chunk
             m_c = tl.load(c_ptr)
-            l_c = tl.load(c_ptr + n_chunks * stride_part)
+            l_c = tl.load(c_ptr + stride_stat)
             h_c = 0.0
             q_c = 0.0
             s_c = 0.0
             b_c = float("-inf")
             if COMPUTE_ENTROPY:
-                h_c = tl.load(c_ptr + 2 * n_chunks * stride_part)
+                h_c = tl.load(c_ptr + 2 * stride_stat)
             if COMPUTE_SUM_SQ:
-                q_c = tl.load(c_ptr + 3 * n_chunks * stride_part)
+                q_c = tl.load(c_ptr + 3 * stride_stat)
             if COMPUTE_MEAN:
-                s_c = tl.load(c_ptr + 4 * n_chunks * stride_part)
+                s_c = tl.load(c_ptr + 4 * stride_stat)
             if COMPUTE_TOP1:
-                b_c = tl.load(c_ptr + 5 * n_chunks * stride_part)
+                b_c = tl.load(c_ptr + 5 * stride_stat)
         m_i, l_i, h_i, q_i, s_i, b_i = _fold(
             m_i, l_i, h_i, q_i, s_i, b_i, m_c, l_c, h_c, q_c, s_c, b_c, COMPUTE_ENTROPY, COMPUTE_SUM_SQ
         )
@@ -419,7 +420,7 @@ def logps_fwd(
     block_v: int | None = None,
     chunk_v: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = PIPELINE_STAGES,
+    num_stages: int | None = None,
     split: bool | None = None,
 ) -> LogpsForward:
     """Per-token log-probs, log-sum-exps and the requested ``stats`` (see ``fastdpo._logps_outputs``) of
@@ -427,8 +428,8 @@ def logps_fwd(
 
     logits ``[N, T, V]`` (unit stride in V), labels ``[N, T]``. ``ref_logits`` (same shape and dtype, any
     strides) are read in the same launch, as a second slice of the grid. ``block_v``, ``chunk_v``, ``num_warps``,
-    ``num_stages`` override ``logps_config``; ``split`` overrides ``split_rows`` (one program per chunk of a row, then a fold
-    launch; the same bits either way).
+    ``num_stages`` override ``logps_config``; ``split`` overrides ``split_rows`` (one program per chunk of a row,
+    then a fold launch; the same bits either way).
     """
     _check_launch_args(logits, labels)
     check_stats(stats)
@@ -463,7 +464,8 @@ def logps_fwd(
         logits, ref, labels, out.logp, out.ref_logp if has_ref else out.logp, out.lse,
         stats_buf, out.ref_stats if stats and has_ref else stats_buf, partials,
         logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1), labels.stride(0), labels.stride(1),
-        T, T_rows, n_rows, V, cfg.chunk_v // cfg.block_v, ignore_index, logit_scale, softcap or 1.0, 1.0 / temperature,
+        T, T_rows, n_rows, V, cfg.chunk_v // cfg.block_v, ignore_index, logit_scale, softcap or 1.0,
+        1.0 / temperature,
     )  # fmt: skip
     flags = dict(
         SHIFT=int(shift), SOFTCAP=softcap is not None, COMPUTE_ENTROPY="entropy" in stats,
@@ -498,7 +500,7 @@ def logps_bwd(
     block_v: int | None = None,
     chunk_v: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = PIPELINE_STAGES,
+    num_stages: int | None = None,
     split: bool | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_logp * logp) + sum(grad_entropy * entropy)`` with respect to logits, ``[N, T, V]``

@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fastdpo._collectives import collective_device, gather_ints
 from fastdpo._logps_outputs import STATS
-from fastdpo.context_parallel import collective_device, gather_ints
 from fastdpo.ops.fused_linear import compute_dtype
 from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw, stats_mask
 
