@@ -9,7 +9,10 @@ cubin Triton built with its bundled ``cuobjdump --dump-resource-usage``. That is
 on the PTX, which would have to copy Triton's ptxas choice and flags (ptxas vs ptxas-blackwell, --regAllocOptLevel),
 and those change between releases. Spilled registers live in the stack frame: forcing a spill (.maxnreg 24) gave
 ``STACK:88 LOCAL:0`` where ``ptxas -v`` said 84/96 bytes spill stores/loads, so spill = STACK + LOCAL (these
-kernels have no local arrays or calls). Exit status: 0 ok, 1 a compile failure, 2 a spill (a regression here).
+kernels have no local arrays or calls). It also reads the PTX for the width of the row's memory traffic: a launch
+with 16-byte aligned rows must copy logits with 16-byte ``cp.async`` (the software-pipelined loads) and the backward
+must store the gradient with 16-byte ``st.global.v4``; narrower accesses would cap bandwidth well below the floor
+whatever the tuning. Exit status: 0 ok, 1 a compile failure, 2 a spill, 3 narrow row accesses (regressions here).
 """
 
 from __future__ import annotations
@@ -106,6 +109,23 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return fields
 
 
+def access_widths(ptx: str) -> tuple[list[int], list[int]]:
+    """Byte widths of the asynchronous global-to-shared copies and of the global stores in ``ptx``, each sorted and
+    unique: ``cp.async.cg.shared.global [dst], [src], 0x10`` copies 16 bytes; ``st.global.v4.b32`` stores 16."""
+    copies = {int(n, 0) for n in re.findall(r"cp\.async\.\w+\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[,;]", ptx)}
+    stores = {int(v or 1) * int(b) // 8 for v, b in re.findall(r"\bst\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)}
+    return sorted(copies), sorted(stores)
+
+
+def narrow(row: dict) -> bool:
+    """An aligned launch whose row copies (or, in the backward, gradient stores) are not all 16 bytes wide. The
+    forward's fold phase reads no logits (only the chunks' float32 statistics)."""
+    if row["error"] or not row["aligned16"] or "fold_partials" in row["kernel"]:
+        return False
+    wide = lambda widths: widths == [16]  # noqa: E731
+    return not wide(row["copy_bytes"]) or ("bwd" in row["kernel"] and not wide(row["store_bytes"]))
+
+
 def check(kernels) -> list[dict]:
     rows = []
     for kernel, variant in itertools.product(kernels, VARIANTS):
@@ -123,7 +143,7 @@ def check(kernels) -> list[dict]:
                 row = {"kernel": name, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",
                        "BLOCK_V": cfg.block_v, "num_warps": num_warps, "aligned16": aligned, "V": vocabs,
                        "registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
-                       "error": None}  # fmt: skip
+                       "copy_bytes": None, "store_bytes": None, "error": None}  # fmt: skip
                 try:
                     src = make_source(kernel, dtype, cfg, aligned, variant, phase)
                     k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
@@ -131,6 +151,7 @@ def check(kernels) -> list[dict]:
                     row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
                     row.update(registers=use["REG"], shared_bytes=k.metadata.shared,
                                static_shared_bytes=use["SHARED"], spill_bytes=use["STACK"] + use["LOCAL"])
+                    row["copy_bytes"], row["store_bytes"] = access_widths(k.asm["ptx"])
                 except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
                     row["error"] = f"{type(e).__name__}: {e}"
                 rows.append(row)
@@ -148,8 +169,8 @@ def main(argv=None) -> int:
         sys.exit("compile_check: the kernels were built for the interpreter (TRITON_INTERPRET=1); run without it")
     rows = check(kernels)
     head = ("kernel", "flags", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
-            "static_shared_bytes", "spill_bytes")  # fmt: skip
-    cell = lambda v: ",".join(map(str, v)) if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731
+            "static_shared_bytes", "spill_bytes", "copy_bytes", "store_bytes")  # fmt: skip
+    cell = lambda v: ",".join(map(str, v)) or "-" if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731
     table = [head] + [[cell(r[h]) for h in head] for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     for t in table:
@@ -157,6 +178,11 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     failed, spilled = [r for r in rows if r["error"]], [r for r in rows if r["spill_bytes"]]
+    narrowed = [r for r in rows if narrow(r)]
+    for r in narrowed:
+        what = f"{r['kernel']} ({r['flags']}) {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
+        print(f"NARROW ROW ACCESS: {what} with 16-byte aligned rows copies {r['copy_bytes']} and stores "
+              f"{r['store_bytes']} bytes at a time; expected 16 (cp.async / st.global.v4)", file=sys.stderr)
     for r in failed + spilled:
         what = f"{r['kernel']} ({r['flags']}) {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
         if r["error"]:
@@ -164,7 +190,7 @@ def main(argv=None) -> int:
         else:
             print(f"REGISTER SPILL (a regression for these kernels): {what} spills {r['spill_bytes']} bytes to "
                   "local memory; lower BLOCK_V or raise num_warps in heuristics.py", file=sys.stderr)  # fmt: skip
-    return 1 if failed else 2 if spilled else 0
+    return 1 if failed else 2 if spilled else 3 if narrowed else 0
 
 
 if __name__ == "__main__":
