@@ -112,8 +112,10 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 def access_widths(ptx: str) -> tuple[list[int], list[int]]:
     """Byte widths of the asynchronous global-to-shared copies and of the global stores in ``ptx``, each sorted and
     unique: ``cp.async.cg.shared.global [dst], [src], 0x10`` copies 16 bytes; ``st.global.v4.b32`` stores 16."""
-    copies = {int(n, 0) for n in re.findall(r"cp\.async\.\w+\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[,;]", ptx)}
-    stores = {int(v or 1) * int(b) // 8 for v, b in re.findall(r"\bst\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx)}
+    copy = r"cp\.async\.\w+\.shared\.global[^;]*?,\s*(0x[0-9a-f]+|\d+)\s*[,;]"  # the size operand
+    store = r"\bst\.global(?:\.\w+)*?(?:\.v(\d))?\.[bfsu](\d+)\b"  # vector length, bits per element
+    copies = {int(n, 0) for n in re.findall(copy, ptx)}
+    stores = {int(v or 1) * int(b) // 8 for v, b in re.findall(store, ptx)}
     return sorted(copies), sorted(stores)
 
 
@@ -124,6 +126,11 @@ def narrow(row: dict) -> bool:
         return False
     wide = lambda widths: widths == [16]  # noqa: E731
     return not wide(row["copy_bytes"]) or ("bwd" in row["kernel"] and not wide(row["store_bytes"]))
+
+
+def describe(row: dict) -> str:
+    return (f"{row['kernel']} ({row['flags']}) {row['dtype']} {row['target']} BLOCK_V={row['BLOCK_V']} "
+            f"num_warps={row['num_warps']}")  # fmt: skip
 
 
 def check(kernels) -> list[dict]:
@@ -180,11 +187,11 @@ def main(argv=None) -> int:
     failed, spilled = [r for r in rows if r["error"]], [r for r in rows if r["spill_bytes"]]
     narrowed = [r for r in rows if narrow(r)]
     for r in narrowed:
-        what = f"{r['kernel']} ({r['flags']}) {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
+        what = describe(r)
         print(f"NARROW ROW ACCESS: {what} with 16-byte aligned rows copies {r['copy_bytes']} and stores "
               f"{r['store_bytes']} bytes at a time; expected 16 (cp.async / st.global.v4)", file=sys.stderr)
     for r in failed + spilled:
-        what = f"{r['kernel']} ({r['flags']}) {r['dtype']} {r['target']} BLOCK_V={r['BLOCK_V']} num_warps={r['num_warps']}"
+        what = describe(r)
         if r["error"]:
             print(f"COMPILE FAILURE: {what}: {r['error']}", file=sys.stderr)
         else:
