@@ -31,8 +31,8 @@ each pair's loss is multiplied by w_c·w_r, w = exp(mean over completion tokens 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -83,6 +83,12 @@ class LossConfig:
     use_weighting: bool = False
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
+
+    @classmethod
+    def of(cls, keywords: Mapping[str, object]) -> LossConfig:
+        """The config from a function's flat loss keywords, ``LossConfig.of(locals())`` as its first statement:
+        every API function that takes TRL's keywords builds its config this one way."""
+        return cls(**{f.name: keywords[f.name] for f in fields(cls)})
 
     def __post_init__(self):
         types = self.loss_types

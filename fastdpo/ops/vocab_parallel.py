@@ -107,6 +107,16 @@ def merge_shards(logp_s, lse_s, stats_s, row_labels, stat_names, ignore_index, g
     return logp, entropy, stats_out, torch.stack([torch.where(scored, m, 0.0), log_l])
 
 
+def _outputs(ctx, logp, entropy, stats):
+    """The Functions' outputs (logp, entropy, stats): the statistics carry no gradient, and an unused output's
+    gradient comes back as None rather than zeros. The entropy is returned as a copy because the saved one is
+    needed by the backward."""
+    ctx.set_materialize_grads(False)
+    if stats is not None:
+        ctx.mark_non_differentiable(stats)
+    return logp, None if entropy is None else entropy.clone(), stats
+
+
 class VocabParallelLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, options: LogpsOptions, group, start: int, V_total: int):
@@ -120,10 +130,7 @@ class VocabParallelLogps(torch.autograd.Function):
         ctx.save_for_backward(logits, local, lse, entropy)
         ctx.kw = kw
         ctx.inplace = o.inplace_backward
-        ctx.set_materialize_grads(False)
-        if stats is not None:
-            ctx.mark_non_differentiable(stats)
-        return logp, None if entropy is None else entropy.clone(), stats
+        return _outputs(ctx, logp, entropy, stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
@@ -157,10 +164,7 @@ class VocabParallelFusedLinear(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, local, lse, entropy)
         ctx.args = (*args, o.tile_elements, matmul_dtype)
         ctx.group = group
-        ctx.set_materialize_grads(False)
-        if stats is not None:
-            ctx.mark_non_differentiable(stats)
-        return logp, None if entropy is None else entropy.clone(), stats
+        return _outputs(ctx, logp, entropy, stats)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
