@@ -45,3 +45,20 @@ def row(kernel, copies, stores, aligned=True):
 )
 def test_narrow_flags_aligned_launches_without_16_byte_row_access(r, expected):
     assert narrow(r) is expected
+
+
+@pytest.mark.parametrize(
+    ("cc", "registers", "num_warps", "shared", "expected"),
+    [
+        (90, 32, 8, 8224, 8),  # the bf16 forward: warps are the limit (64 / 8)
+        (90, 33, 8, 8224, 6),  # registers come in steps of 8: 40 a thread leave 51 warps, 6 programs
+        (90, 54, 8, 8224, 4),  # the forward with every statistic
+        (90, 40, 8, 32768, 6),  # the fp32 backward: registers and shared memory (233472 // 33792 = 6) agree
+        (80, 28, 8, 32768, 4),  # 164 KB of shared memory on A100: 167936 // 33792 = 4
+        (90, 16, 1, 0, 32),  # one-warp programs: at most 32 resident
+    ],
+)
+def test_programs_per_sm(cc, registers, num_warps, shared, expected):
+    from fastdpo.kernels.compile_check import programs_per_sm
+
+    assert programs_per_sm(cc, registers, num_warps, shared) == expected

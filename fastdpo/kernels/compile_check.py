@@ -9,7 +9,10 @@ cubin Triton built with its bundled ``cuobjdump --dump-resource-usage``. That is
 on the PTX, which would have to copy Triton's ptxas choice and flags (ptxas vs ptxas-blackwell, --regAllocOptLevel),
 and those change between releases. Spilled registers live in the stack frame: forcing a spill (.maxnreg 24) gave
 ``STACK:88 LOCAL:0`` where ``ptxas -v`` said 84/96 bytes spill stores/loads, so spill = STACK + LOCAL (these
-kernels have no local arrays or calls). It also reads the PTX for the width of the row's memory traffic: a launch
+kernels have no local arrays or calls). From the registers and shared memory it derives how many programs fit on
+one SM (``programs_per_sm``, the CUDA occupancy calculator's arithmetic), what a streaming kernel's bandwidth
+hangs on: the registers a thread are allocated in steps of 8, so 32 registers leave 8 programs of 8 warps on an
+SM and 33 only 6. It also reads the PTX for the width of the row's memory traffic: a launch
 with 16-byte aligned rows must copy logits with 16-byte ``cp.async`` (the software-pipelined loads) and the backward
 must store the gradient with 16-byte ``st.global.v4``; narrower accesses would cap bandwidth well below the floor
 whatever the tuning. Exit status: 0 ok, 1 a compile failure, 2 a spill, 3 narrow row accesses (regressions here).
@@ -109,6 +112,22 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return fields
 
 
+# Per SM, for the occupancy arithmetic: 64K registers, at most 64 resident warps and 32 resident programs (sm_80
+# and sm_90 alike), and this much shared memory (164 KB on A100, 228 KB on H100/H200); each program also takes 1 KB
+# of shared memory reserved by the driver.
+SM_REGISTERS, SM_WARPS, SM_PROGRAMS, RESERVED_SHARED = 65536, 64, 32, 1024
+SM_SHARED = {80: 167936, 90: 233472}
+
+
+def programs_per_sm(cc: int, registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Programs of ``num_warps`` warps resident on one SM of compute capability ``cc`` (80 or 90), each thread
+    taking ``registers`` (allocated in steps of 8: 256 a warp) and each program ``shared_bytes`` of shared memory."""
+    warp_registers = -(-registers // 8) * 8 * 32
+    by_registers = SM_REGISTERS // warp_registers // num_warps
+    by_shared = SM_SHARED[cc] // (shared_bytes + RESERVED_SHARED)
+    return min(SM_WARPS // num_warps, SM_PROGRAMS, by_registers, by_shared)
+
+
 def access_widths(ptx: str) -> tuple[list[int], list[int]]:
     """Byte widths of the asynchronous global-to-shared copies and of the global stores in ``ptx``, each sorted and
     unique: ``cp.async.cg.shared.global [dst], [src], 0x10`` copies 16 bytes; ``st.global.v4.b32`` stores 16."""
@@ -150,7 +169,7 @@ def check(kernels) -> list[dict]:
                 row = {"kernel": name, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",
                        "BLOCK_V": cfg.block_v, "num_warps": num_warps, "aligned16": aligned, "V": vocabs,
                        "registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
-                       "copy_bytes": None, "store_bytes": None, "error": None}  # fmt: skip
+                       "programs_per_sm": None, "copy_bytes": None, "store_bytes": None, "error": None}  # fmt: skip
                 try:
                     src = make_source(kernel, dtype, cfg, aligned, variant, phase)
                     k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
@@ -158,6 +177,10 @@ def check(kernels) -> list[dict]:
                     row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
                     row.update(registers=use["REG"], shared_bytes=k.metadata.shared,
                                static_shared_bytes=use["SHARED"], spill_bytes=use["STACK"] + use["LOCAL"])
+                    # dynamic plus static shared memory: on sm_90a cuobjdump reports 1 KB static that the PTX does
+                    # not declare (perhaps the driver's reserve again); counted, to err on the low side
+                    shared = k.metadata.shared + use["SHARED"]
+                    row["programs_per_sm"] = programs_per_sm(cc, use["REG"], num_warps, shared)
                     row["copy_bytes"], row["store_bytes"] = access_widths(k.asm["ptx"])
                 except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
                     row["error"] = f"{type(e).__name__}: {e}"
@@ -176,7 +199,7 @@ def main(argv=None) -> int:
         sys.exit("compile_check: the kernels were built for the interpreter (TRITON_INTERPRET=1); run without it")
     rows = check(kernels)
     head = ("kernel", "flags", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
-            "static_shared_bytes", "spill_bytes", "copy_bytes", "store_bytes")  # fmt: skip
+            "static_shared_bytes", "spill_bytes", "programs_per_sm", "copy_bytes", "store_bytes")  # fmt: skip
     cell = lambda v: ",".join(map(str, v)) or "-" if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731
     table = [head] + [[cell(r[h]) for h in head] for r in rows]
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
