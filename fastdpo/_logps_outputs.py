@@ -32,7 +32,7 @@ class TokenLogps(NamedTuple):
     """Per-token outputs of ``fastdpo.token_logps``, each ``[N, T - shift]`` (None when not requested), 0 (False)
     on unscored tokens. ``log_probs`` and ``entropy`` carry gradients."""
 
-    log_probs: torch.Tensor | None
+    log_probs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     mean_logits: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None  # bool
@@ -43,6 +43,9 @@ OUTPUTS = TokenLogps._fields
 
 
 def check_outputs(outputs: tuple[str, ...]) -> None:
+    if isinstance(outputs, str):
+        raise TypeError(f"outputs must be a tuple of names from {OUTPUTS}, got the string {outputs!r} "
+                        f"(write ({outputs!r},))")  # fmt: skip
     unknown = set(outputs) - set(OUTPUTS)
     if unknown or not outputs:
         raise ValueError(f"outputs must be a non-empty subset of {OUTPUTS}, got {tuple(outputs)}")

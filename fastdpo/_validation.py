@@ -43,16 +43,45 @@ def check_logits_labels(
             f"logits must be unit-stride in the vocab dimension, got strides {logits.stride()}; "
             "views along N and T are fine, a transposed vocab dimension needs .contiguous()"
         )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_label_dtype("labels", labels)
     if tuple(labels.shape) != (N, T):
         raise ValueError(f"labels must have shape (N, T) = {(N, T)} to match logits, got {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
     if not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_ignore_index(ignore_index)
     if check_values:
         check_label_values(labels, V, ignore_index, first_scored=int(shift))
+
+
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def check_label_dtype(name: str, labels: torch.Tensor) -> None:
+    """Token ids are int64 (as tokenizers and TRL's collators give them) or int32; narrower integers are refused
+    rather than widened, since a vocabulary of > 127 (or 32767) ids does not fit them."""
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an int64 or int32 tensor of token ids, got dtype {labels.dtype}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def check_inplace_backward(logits: torch.Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient over ``logits``: refused for views whose elements share memory
+    (an ``expand``: several gradient values would land on one element). Non-overlap is proven the usual way: with
+    the dimensions sorted by stride, each stride reaches past the span of the smaller ones."""
+    dims = sorted((s, n) for s, n in zip(logits.stride(), logits.shape) if n > 1)
+    extent = 1  # the elements spanned by the dimensions of smaller stride
+    for stride, size in dims:
+        if stride < extent:
+            raise ValueError(f"inplace_backward=True needs logits whose elements do not share memory, got shape "
+                             f"{tuple(logits.shape)} with strides {logits.stride()} (an expanded or overlapping "
+                             "view); pass inplace_backward=False")  # fmt: skip
+        extent = stride * size
 
 
 def check_label_values(labels: torch.Tensor, V: int, ignore_index: int, first_scored: int) -> None:
@@ -144,8 +173,8 @@ def resolve_pairs(pairs: torch.Tensor | None, S: int, device: torch.device, *, d
     if pairs is None:
         B = check_pairs(S)
         return torch.stack([torch.arange(B, device=device), torch.arange(B, 2 * B, device=device)], dim=1)
-    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0 or pairs.dtype.is_floating_point:
-        raise ValueError(f"pairs must be an integer tensor of shape (B, 2) holding (chosen, rejected) sequence "
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0 or pairs.dtype not in LABEL_DTYPES:
+        raise ValueError(f"pairs must be an int64 or int32 tensor of shape (B, 2) holding (chosen, rejected) sequence "
                          f"indices, got {tuple(pairs.shape)} {pairs.dtype}")  # fmt: skip
     if pairs.device != device:
         raise ValueError(f"pairs must be on the logits' device {device}, got {pairs.device}")

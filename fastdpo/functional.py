@@ -15,7 +15,8 @@ logits feed nothing else whose backward reads them, which holds for the usual ``
 (its backward reads the hidden states and weight, not the logits). It is unsafe, and silently wrong, when
 (a) the same logits also feed another loss or metric that is back-propagated afterwards, (b) the op that
 produced them saved its output for backward (e.g. ``tanh`` softcapping, ``softmax``), (c) you read the
-logits after ``backward()``, or (d) you call backward twice (``retain_graph=True``).
+logits after ``backward()``, or (d) you call backward twice (``retain_graph=True``). Logits whose elements share
+memory (an expanded view) are refused.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def logits_source(logits, ref_logits=None, *, shift, ignore_index, temperature=1
                   vocab_parallel=None):  # fmt: skip
     """A ``_pipeline.TokenSource`` reading per-token outputs from ``logits`` (and ``ref_logits`` in the same launch).
     ``vocab_parallel``: ``(group, first vocab id, global V)`` when the logits are this rank's vocab shard."""
+    if inplace_backward and not torch.compiler.is_compiling():
+        _validation.check_inplace_backward(logits)
 
     def run(labels: torch.Tensor, stats: tuple[str, ...], with_reference: bool) -> logps_op.TokenOutputs:
         options = logps_op.LogpsOptions(shift=shift, ignore_index=ignore_index, temperature=float(temperature),

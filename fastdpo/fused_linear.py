@@ -78,8 +78,8 @@ def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignor
                          f"{tuple(hidden.shape)} and dtype {hidden.dtype}")  # fmt: skip
     _check_head("hidden", hidden, weight, bias)
     name = "labels" if ndim == 3 else "targets"
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    _validation.check_label_dtype(name, labels)
+    _validation.check_ignore_index(ignore_index)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]) or labels.device != hidden.device:
         raise ValueError(f"{name} must have shape {tuple(hidden.shape[:-1])} on {hidden.device} to match hidden, "
                          f"got {tuple(labels.shape)} on {labels.device}")  # fmt: skip

@@ -88,7 +88,7 @@ class LossConfig:
     def of(cls, keywords: Mapping[str, object]) -> LossConfig:
         """The config from a function's flat loss keywords, ``LossConfig.of(locals())`` as its first statement:
         every API function that takes TRL's keywords builds its config this one way."""
-        return cls(**{f.name: keywords[f.name] for f in fields(cls)})
+        return cls(**{name: keywords[name] for name in LOSS_KEYWORDS})
 
     def __post_init__(self):
         types = self.loss_types
@@ -97,8 +97,8 @@ class LossConfig:
             raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)} (or a list of them), got {self.loss_type!r}")
         if self.loss_weights is not None and len(self.loss_weights) != len(types):
             raise ValueError(f"loss_weights must have one weight per loss type {types}, got {self.loss_weights}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be finite and > 0, got {self.beta}")
         if "robust" in types and not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {self.label_smoothing}")
         if not 0.0 <= self.label_smoothing <= 1.0:
@@ -126,6 +126,10 @@ class LossConfig:
     @property
     def needs_reference(self) -> bool:
         return not self.reference_free and not set(self.loss_types) <= set(REFERENCE_FREE_LOSS_TYPES)
+
+
+# The field names, read once: torch.compile cannot trace dataclasses.fields() inside a compiled call
+LOSS_KEYWORDS = tuple(f.name for f in fields(LossConfig))
 
 
 class SequenceTerms(NamedTuple):

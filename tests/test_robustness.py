@@ -27,7 +27,15 @@ def test_errors_name_the_argument(device):
         (lambda: fastdpo.sequence_logps(logits[:0], labels[:0]), ValueError, "at least one sequence"),
         (lambda: fastdpo.sequence_logps(logits[..., :0], labels), ValueError, "at least one sequence"),
         (lambda: fastdpo.sequence_logps(logits, labels.to("meta")), ValueError, "labels must be on"),
-        (lambda: fastdpo.sequence_logps(logits, labels.bool()), TypeError, "integer"),
+        (lambda: fastdpo.sequence_logps(logits, labels.bool()), TypeError, "int64 or int32"),
+        (lambda: fastdpo.sequence_logps(logits, labels.to(torch.int8)), TypeError, "int64 or int32"),
+        (lambda: fastdpo.sequence_logps(logits, labels.to(torch.int16)), TypeError, "int64 or int32"),
+        (lambda: fastdpo.sequence_logps(logits, labels, ignore_index=-100.0), TypeError, "ignore_index"),
+        (lambda: fastdpo.token_logps(logits, labels, outputs="entropy"), TypeError, "tuple of names"),
+        (lambda: fastdpo.dpo_loss(logits, labels, beta=math.inf, reference_free=True), ValueError, "beta"),
+        (lambda: fastdpo.dpo_loss(logits, labels, reference_free=True, pairs=torch.ones(1, 2, dtype=torch.bool,
+                                                                                        device=device)),
+         ValueError, "pairs must be an int64"),
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=0.0), ValueError, "temperature"),
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=math.inf), ValueError, "temperature"),
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=math.nan), ValueError, "temperature"),
@@ -43,6 +51,44 @@ def test_errors_name_the_argument(device):
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_inplace_backward_refuses_overlapping_views(device):
+    """An expanded view would have several gradient values written to one element (silently wrong before this
+    check)."""
+    w = make_logits(1, 5, 10, torch.float32, device).requires_grad_()
+    labels = make_labels(3, 5, 10, device)
+    with pytest.raises(ValueError, match="do not share memory"):
+        fastdpo.sequence_logps((w * 1.0).expand(3, 5, 10), labels, inplace_backward=True)
+    with pytest.raises(ValueError, match="do not share memory"):
+        fastdpo.dpo_loss((w * 1.0).expand(2, 5, 10), labels[:2], reference_free=True, inplace_backward=True)
+    # views that do not overlap stay accepted: a slice along T, a transposed batch
+    base = make_logits(5, 3, 10, torch.float32, device).requires_grad_()
+    for view in ((base * 1.0)[:, :2], (base * 1.0).transpose(0, 1)):
+        lab = make_labels(*view.shape[:2], 10, device)
+        x = view.detach().clone().requires_grad_()
+        fastdpo.sequence_logps(x, lab).sum().backward()
+        fastdpo.sequence_logps(view, lab, inplace_backward=True).sum().backward()
+        assert torch.equal(base.grad[:, :2] if view.shape[1] == 2 else base.grad.transpose(0, 1), x.grad)
+        base.grad = None
+
+
+def test_double_backward_names_the_limitation(device):
+    logits = make_logits(2, 5, 10, torch.float32, device).requires_grad_()
+    labels = make_labels(2, 5, 10, device)
+    (grad,) = torch.autograd.grad(fastdpo.dpo_loss(logits, labels, reference_free=True).loss, logits,
+                                  create_graph=True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="fastdpo does not support double backward"):
+        grad.square().sum().backward()
+
+
+def test_reference_token_logps_without_log_probs():
+    logits = make_logits(2, 5, 10, torch.float64, "cpu")
+    labels = make_labels(2, 5, 10, "cpu")
+    out = reference.token_logps(logits, labels, outputs=("entropy",))
+    expected = fastdpo.token_logps(logits, labels, outputs=("entropy",)).entropy
+    assert out.log_probs is None
+    torch.testing.assert_close(out.entropy, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_out_of_range_label_raises_on_cpu_and_names_position():

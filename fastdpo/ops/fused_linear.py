@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fastdpo._logps_outputs import STATS, LogpsForward
-from fastdpo.ops.logps import impl_for, kernel_kw, stats_mask, stats_of
+from fastdpo.ops.logps import impl_for, kernel_kw, no_double_backward, stats_mask, stats_of
 
 TILE_ROW_MULTIPLE = 16  # tensor-core friendly GEMM heights
 # The forward GEMM always runs on blocks of exactly this many rows (the last one zero-padded): a GEMM library picks
@@ -301,6 +301,7 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy, _grad_stats):
 
 
 _fused_linear_logps_op.register_autograd(_backward, setup_context=_setup_context)
+_fused_linear_logps_backward_op.register_autograd(no_double_backward)
 
 
 def fused_linear_logps(

@@ -194,7 +194,16 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_):
     return (grad,) + (None,) * 9
 
 
+def no_double_backward(ctx, *grads):
+    """Autograd formula of the backward ops: they have none, so differentiating a gradient (``create_graph=True``
+    then a second backward, e.g. a gradient penalty) stops with this message instead of PyTorch's about a missing
+    formula. The gradient itself is exact; only its own derivative is not provided."""
+    raise RuntimeError("fastdpo does not support double backward: the gradient of its log-prob ops is computed by a "
+                       "kernel with no derivative of its own (create_graph=True, then backward through the gradient)")
+
+
 _token_logps_op.register_autograd(_backward, setup_context=_setup_context)
+_token_logps_backward_op.register_autograd(no_double_backward)
 
 
 class TokenOutputs(NamedTuple):
