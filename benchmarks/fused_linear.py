@@ -29,8 +29,8 @@ import torch.nn.functional as F
 import triton
 
 import fastdpo
-from benchmarks import timing
-from benchmarks.providers import _needs
+from benchmarks import run, timing
+from benchmarks.providers import _needs, raise_recompile_limits
 from benchmarks.run import RESULTS_DIR, device_slug, format_table, git_commit, progress, within_budget, write_results
 
 BETA = 0.1
@@ -41,6 +41,10 @@ SEQ_LEN = 1024  # tokens per sequence: N tokens are N / SEQ_LEN sequences (pairs
 CHECK_T = 64  # tokens per sequence of the float64 accuracy check
 GROSS_ERROR = 0.05  # relative error of the loss's log-probs that means a broken implementation, not rounding
 NAMES = ("naive", "trl-fused", "liger-fused", "cce", "fastdpo-logits", "fastdpo-fused")
+# Measured in this order within a size: fastdpo first; Liger (torch.compile inside) and CCE (autotuned) last, whose
+# first calls at a size can take long enough to meet a time-limited run's end.
+RUN_ORDER = ("fastdpo-fused", "fastdpo-logits", "naive", "trl-fused", "cce", "liger-fused")
+HEADLINE = (4096, 128256, 8192)  # (D, V, N): the headline size, measured first
 ROW_KEY = ("impl", "mode", "N", "V", "D", "dtype")
 TABLE = ("impl", "mode", "N", "D", "V", "ms_p50", "tflops", "floor_fraction", "peak_extra_mb", "err_logps", "status")
 
@@ -185,8 +189,7 @@ def measure(name, fn, mode, N, D, V, dtype, inputs, floor, device) -> dict:
     except Exception as exc:  # one broken implementation must not end the sweep
         return row | {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
     finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        run.release_memory()
 
 
 def main(argv=None) -> int:
@@ -210,8 +213,10 @@ def main(argv=None) -> int:
     sizes = list(itertools.product(args.D or (QUICK_DIMS if args.quick else DIMS),
                                    args.V or (QUICK_VOCABS if args.quick else VOCABS),
                                    args.N or (QUICK_TOKENS if args.quick else TOKENS)))  # fmt: skip
+    sizes.sort(key=lambda size: size != HEADLINE)  # stable: the rest in sweep order
+    raise_recompile_limits()  # Liger's loss compiles its chunk function: one graph per shape
     providers = get_providers(device)
-    chosen = {n: providers[n] for n in (args.impl or NAMES)}
+    chosen = {n: providers[n] for n in RUN_ORDER if n in (args.impl or NAMES)}
     unavailable = {n: why for n, (_, why) in chosen.items() if why}
     for n, why in unavailable.items():
         print(f"skipping {n}: {why}")
@@ -224,8 +229,13 @@ def main(argv=None) -> int:
     runnable = {n: fn for n, (fn, why) in chosen.items() if not why}
     rows, all_rows, bar = [], [], progress(len(sizes) * len(runnable) * len(args.mode))
     for D, V, N in within_budget(sizes, args.budget_s):
-        floor = measure_floor(N, D, V, dtype, device)
-        inputs = make_inputs(N, D, V, dtype, device)
+        try:
+            floor = measure_floor(N, D, V, dtype, device)
+            inputs = make_inputs(N, D, V, dtype, device)
+        except torch.cuda.OutOfMemoryError:
+            print(f"N={N} D={D} V={V}: out of memory for the inputs or the floor, size skipped")
+            run.release_memory()
+            continue
         for (impl, fn), mode in itertools.product(runnable.items(), args.mode):
             bar.set_postfix_str(f"{impl} {mode} N={N} D={D} V={V}")
             rows.append(measure(impl, fn, mode, N, D, V, dtype, inputs, floor, device) | common)
@@ -234,7 +244,8 @@ def main(argv=None) -> int:
             bar.update()
         del inputs
     bar.close()
-    cells = [{k: r.get(k) for k in TABLE} for r in rows]
+    cells = [{k: r.get(k) for k in TABLE} for r in sorted(rows, key=lambda r: (r["D"], r["V"], r["N"],
+                                                                               NAMES.index(r["impl"])))]
     print(format_table(cells, TABLE))
     for r in rows:
         if r["status"] != "ok":

@@ -11,18 +11,20 @@
 # carried: `bash benchmarks/fetch_wheels.sh` here downloads them into .whl/, .whl-quack-1/ and .whl-quack-2/ and says
 # how to carry QuACK's two halves in two calls. Output: $OUT (the device tool's folder; default
 # benchmarks/results/gpu-session) gets session.log, tests.log and the three sweeps' JSON and CSV, 8 files (all the
-# device tool brings back); plots are drawn afterwards from the JSON: `python -m benchmarks.plots RESULTS.json`.
+# device tool brings back); the logits sweep's plots are drawn afterwards from its JSON:
+# `python -m benchmarks.plots <out>/<gpu>.json`. The machine gets the working tree without .git, so the commit the
+# results were measured at comes from FASTDPO_GIT_COMMIT, set in the command (below).
 # Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 140), BENCH_BUDGET_S (140),
 # TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget and writes every row as it is
 # measured; each step is interrupted at its budget plus a margin for the size in flight (tests 0 s, logits 60 s,
 # tuning and fused 40 s each) and killed 10-15 s later: at most 565 s with the defaults, plus the wheels' install,
-# inside the device tool's 600 s for one command. SWEEP_ARGS is added to the logits and
-# fused-linear sweeps' arguments (e.g. `--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow a sweep),
-# TUNE_ARGS to the tuning sweep's (`--quick` for a dry run).
+# inside the device tool's 600 s for one command. Each sweep takes extra arguments of its own: SWEEP_ARGS the
+# logits sweep's (`--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow it), FUSED_ARGS the
+# fused-linear sweep's (`--quick`, `--impl fastdpo-fused naive`), TUNE_ARGS the tuning sweep's (`--quick`).
 #
 #   device run: command="ls .whl-quack-1", carry=[".whl-quack-1"], timeout_s=60       (QuACK's first half; skip
-#   device run: command="bash benchmarks/gpu_session.sh", carry=[".whl", ".whl-quack-2"], timeout_s=600    both
-#                                                                  halves to run without QuACK)
+#   device run: command="FASTDPO_GIT_COMMIT=$(git rev-parse HEAD, run here) bash benchmarks/gpu_session.sh",
+#               carry=[".whl", ".whl-quack-2"], timeout_s=600          (both halves to run without QuACK)
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu-session}
 mkdir -p "$OUT"
@@ -32,19 +34,26 @@ LOG="$OUT/session.log"
 step() { echo "== $* ($(date -u +%T))" | tee -a "$LOG"; }
 
 step "machine"
-# The peers' wheels (benchmarks/fetch_wheels.sh): .whl/, and QuACK's in two halves carried by two calls
-mkdir -p /tmp/wheels
-cp .whl/*.whl .whl-quack-1/*.whl /tmp/wheels/ 2>/dev/null
+# The peers' wheels (benchmarks/fetch_wheels.sh): .whl/, and QuACK's in two halves carried by two calls. Two
+# installs, the peers and then QuACK, so that a broken QuACK wheel cannot cost TRL and Liger too.
+install() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@" \
+    2>&1 | tee -a "$LOG"
+}
+mkdir -p /tmp/quack
+cp .whl-quack-1/*.whl /tmp/quack/ 2>/dev/null
 for part1 in .whl-quack-1/*.whl.part1; do
   part2=".whl-quack-2/$(basename "${part1%.part1}").part2"
-  [ -f "$part1" ] && [ -f "$part2" ] && cat "$part1" "$part2" >"/tmp/wheels/$(basename "${part1%.part1}")"
+  [ -f "$part1" ] && [ -f "$part2" ] && cat "$part1" "$part2" >"/tmp/quack/$(basename "${part1%.part1}")"
 done
-if compgen -G "/tmp/wheels/*.whl" >/dev/null; then
+compgen -G ".whl/*.whl" >/dev/null && install .whl/*.whl
+compgen -G "/tmp/quack/*.whl" >/dev/null && install /tmp/quack/*.whl
+if [ -d /tmp/site ]; then
   # the CuTe DSL adds dsl_packages/ to sys.path through a .pth file, which Python reads in site-packages only
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    /tmp/wheels/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
-  echo "carried wheels: $(cd /tmp/wheels && ls | tr '\n' ' ')" | tee -a "$LOG"
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+  echo "carried wheels: $(ls .whl /tmp/quack 2>/dev/null | grep whl | tr '\n' ' ')" | tee -a "$LOG"
 fi
+echo "commit: ${FASTDPO_GIT_COMMIT:-unknown (set FASTDPO_GIT_COMMIT in the command)}" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   2>&1 | tee -a "$LOG"
@@ -68,5 +77,5 @@ timeout -s INT -k 10 $(( ${TUNE_BUDGET_S:-50} + 40 )) python3 -m benchmarks.tune
 
 step "fused-linear sweep (budget ${FUSED_BUDGET_S:-50} s)"
 timeout -s INT -k 10 $(( ${FUSED_BUDGET_S:-50} + 40 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-50}" \
-  --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
+  --out "$OUT" ${FUSED_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
 step "done"

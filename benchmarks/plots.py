@@ -92,7 +92,12 @@ def main(argv=None) -> int:
         print("usage: python -m benchmarks.plots RESULTS.json ...")
         return 2
     for path in paths:
-        print(plot_all(json.loads(path.read_text())["rows"], path.parent, path.stem))
+        rows = json.loads(path.read_text())["rows"]
+        if any("effective_gbps" not in r or "mode" not in r for r in rows if r.get("status") == "ok"):
+            print(f"{path}: not a logits-sweep file (python -m benchmarks.run); the tuning and fused-linear sweeps' "
+                  "files are tables, with no plots")  # fmt: skip
+            return 2
+        print(plot_all(rows, path.parent, path.stem))
     return 0
 
 

@@ -30,6 +30,21 @@ NAMES = (
     "eager", "trl-selective", "compile", "compile-max-autotune", "trl-triton", "liger", "quack", "quack-inplace",
     "fastdpo", "fastdpo-inplace", "fastdpo-tp1",
 )  # fmt: skip
+# The order a size's cases are measured in: fastdpo and the fastest peers first, torch.compile last (its compile
+# time at a large size can run into a time-limited run's margin, and must not cost the others their rows).
+RUN_ORDER = (
+    "fastdpo", "fastdpo-inplace", "quack", "quack-inplace", "trl-triton", "liger", "eager", "trl-selective",
+    "fastdpo-tp1", "compile", "compile-max-autotune",
+)  # fmt: skip
+# torch.compile: one graph per (shape, dtype, grad mode) and mode, specialised (dynamic=False) as a training step at
+# a fixed shape would be; a sweep compiles ~100 of them, far above dynamo's default limit of 8, past which it would
+# silently fall back to eager.
+COMPILE_RECOMPILE_LIMIT = 256
+
+
+class AccuracyError(Exception):
+    """An implementation's output is off the float64 reference (``check_accuracy``); distinct from its own input
+    assertions, which are errors of the case, not accuracy failures."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,9 @@ def _fastdpo(inplace: bool):
     return fn
 
 
+_OWN_PROCESS_GROUP = []  # the default group fastdpo-tp1 created, for shutdown()
+
+
 def _fastdpo_tp1(device: torch.device):
     """fastdpo's vocab-parallel path over a process group of one rank (NCCL on CUDA, gloo on the CPU): the same
     kernels plus the shard merge's O(N) all-reduces, whose cost against ``fastdpo`` this row measures."""
@@ -85,6 +103,7 @@ def _fastdpo_tp1(device: torch.device):
             device_id = torch.device("cuda", torch.cuda.current_device()) if cuda else None
             dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                     device_id=device_id)  # fmt: skip
+            _OWN_PROCESS_GROUP.append(True)
         group = dist.new_group([0])
 
         def fn(logits, labels):
@@ -145,12 +164,17 @@ def _quack(inplace: bool):
     return make
 
 
+def raise_recompile_limits() -> None:
+    torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, COMPILE_RECOMPILE_LIMIT
+    )
+
+
 def _compile(mode: str | None):
     def make():
-        # One compiled graph per (shape class, dtype, grad mode): raise dynamo's limit of 8 so a long sweep never
-        # silently falls back to eager.
-        torch._dynamo.config.recompile_limit = 64
-        return torch.compile(eager, mode=mode)
+        raise_recompile_limits()
+        return torch.compile(eager, mode=mode, dynamic=False)
 
     return make
 
@@ -167,8 +191,20 @@ def _needs(module: str, device: torch.device, cuda: bool, make: Callable[[], Cal
         return None, f"setup failed: {type(exc).__name__}: {exc}"
 
 
-def get_providers(device: torch.device) -> dict[str, Provider]:
-    """Every implementation, in the order the tables list them, with its availability on ``device``."""
+def shutdown() -> None:
+    """Destroy the process group ``fastdpo-tp1`` created, if any (a live NCCL group can hang the interpreter's
+    exit)."""
+    if _OWN_PROCESS_GROUP:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        _OWN_PROCESS_GROUP.clear()
+
+
+def get_providers(device: torch.device, names=None) -> dict[str, Provider]:
+    """The implementations ``names`` (default: all), in the order the tables list them, with their availability on
+    ``device``. Only these are set up (no process group unless ``fastdpo-tp1`` is among them)."""
+    names = NAMES if names is None else names
     backend = select_backend(torch.empty(0, device=device))
     fastdpo_note = "Triton kernels" if backend == "triton" else "chunked PyTorch path (no Triton on this device)"
     # name: (module it needs, needs CUDA, factory, note, clobbers_logits, rounds_to_dtype)
@@ -186,16 +222,18 @@ def get_providers(device: torch.device) -> dict[str, Provider]:
     }  # fmt: skip
     providers = {"eager": Provider("eager", eager, note="logits.float().log_softmax(-1).gather(...)")}
     for name, (module, cuda, make, note, clobbers, rounds) in optional.items():
-        fn, reason = _needs(module, device, cuda, make)
-        providers[name] = Provider(name, fn, reason, note, clobbers, rounds)
+        if name in names:
+            fn, reason = _needs(module, device, cuda, make)
+            providers[name] = Provider(name, fn, reason, note, clobbers, rounds)
     providers["fastdpo"] = Provider("fastdpo", _fastdpo(False), note=fastdpo_note)
     providers["fastdpo-inplace"] = Provider(
         "fastdpo-inplace", _fastdpo(True), note=f"{fastdpo_note}, inplace_backward=True", clobbers_logits=True
     )
-    fn, reason = _needs("torch.distributed", device, False, _fastdpo_tp1(device))
-    providers["fastdpo-tp1"] = Provider("fastdpo-tp1", fn, reason,
-                                        note=f"{fastdpo_note}, vocab_parallel_group of one rank")  # fmt: skip
-    return providers
+    if "fastdpo-tp1" in names:
+        fn, reason = _needs("torch.distributed", device, False, _fastdpo_tp1(device))
+        providers["fastdpo-tp1"] = Provider("fastdpo-tp1", fn, reason,
+                                            note=f"{fastdpo_note}, vocab_parallel_group of one rank")  # fmt: skip
+    return {name: providers[name] for name in NAMES if name in names}
 
 
 def _reference(logits, labels):
@@ -207,7 +245,8 @@ REFERENCE = Provider("reference", _reference, note="fastdpo.reference, math in t
 
 def check_accuracy(provider: Provider, mode: str, logits, labels, grad) -> tuple[float, float | None]:
     """Check ``provider`` on the first ``CHECK_TOKENS`` tokens of the first sequence; returns the relative
-    errors (log-probs, gradient or None) or raises ``AssertionError`` naming the worst element.
+    errors (log-probs, gradient or None) or raises ``AccuracyError`` naming the worst element (an exception the
+    provider itself raises, its own input assertions included, propagates as it is).
 
     Truth is the float64 reference; the baseline is the same computation in float32 (gradient rounded to the
     logits' dtype), and ``fastdpo._testing``'s three-way criterion applies. A provider that ``rounds_to_dtype``
@@ -226,9 +265,12 @@ def check_accuracy(provider: Provider, mode: str, logits, labels, grad) -> tuple
     name = f"{provider.name} {mode}"
     # detach: outputs of the fwd_bwd call still require grad, and an in-place gradient is the input itself
     truth, base, out = truth.detach(), base.detach(), out.detach().float()
-    err = assert_close_to_reference(out, truth, base, x.dtype, f"{name} log-probs", slack=slack)
-    if dx is None:
-        return err, None
-    base_grad = base_grad.to(x.dtype)
-    grad_err = assert_close_to_reference(dx.detach(), truth_grad, base_grad, x.dtype, f"{name} grad", slack=slack)
+    try:
+        err = assert_close_to_reference(out, truth, base, x.dtype, f"{name} log-probs", slack=slack)
+        if dx is None:
+            return err, None
+        base_grad = base_grad.to(x.dtype)
+        grad_err = assert_close_to_reference(dx.detach(), truth_grad, base_grad, x.dtype, f"{name} grad", slack=slack)
+    except AssertionError as exc:
+        raise AccuracyError(str(exc)) from exc
     return err, grad_err

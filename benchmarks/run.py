@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import io
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -46,15 +48,8 @@ def parse_args(argv):
     p.add_argument("--fresh", action="store_true", help="replace the results file instead of merging into it")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--budget-s", type=float, help="start no new size after this many seconds (a GPU lease is short): "
-                   "the headline size (N 8192, V 128256, bf16) runs first, the rest in sweep order")  # fmt: skip
+                   "sizes run in shapes.priority order, the headline size (N 8192, V 128256, bf16) first")  # fmt: skip
     return p.parse_args(argv)
-
-
-def by_priority(sizes: list[shapes.Size]) -> list[shapes.Size]:
-    """The headline size (the issue's target, ``shapes.PLOT_N`` x ``shapes.PLOT_V`` in bf16) first, then the rest
-    in sweep order, so a sweep cut short by ``--budget-s`` still measures the size the targets are stated at."""
-    headline = [s for s in sizes if (s.N, s.V, s.dtype) == (shapes.PLOT_N, shapes.PLOT_V, "bfloat16")]
-    return headline + [s for s in sizes if s not in headline]
 
 
 def within_budget(sizes: list, budget_s: float | None):
@@ -69,8 +64,11 @@ def within_budget(sizes: list, budget_s: float | None):
 
 
 def git_commit() -> tuple[str | None, bool | None]:
-    """(HEAD's sha, whether tracked files other than the results differ from it), or (None, None) outside a git
-    checkout. The results folder is left out: rerunning a sweep rewrites its own results file."""
+    """(HEAD's sha, whether tracked files other than the results differ from it). Outside a git checkout (the GPU
+    machine gets the working tree without .git): ``FASTDPO_GIT_COMMIT`` from the environment, set by whoever
+    launches the run, with cleanliness unknown (None); else (None, None). The results folder is left out:
+    rerunning a sweep rewrites its own results file."""
+    fallback = os.environ.get("FASTDPO_GIT_COMMIT") or None, None
 
     def git(*args):
         return subprocess.run(
@@ -82,9 +80,9 @@ def git_commit() -> tuple[str | None, bool | None]:
         results = RESULTS_DIR.relative_to(RESULTS_DIR.parent.parent).as_posix()
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", f":(top,exclude){results}")
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return fallback
     if head.returncode:
-        return None, None
+        return fallback
     return head.stdout.strip(), bool(dirty.stdout.strip())
 
 
@@ -118,16 +116,21 @@ def progress(total: int):
     return tqdm(total=total, unit="case", dynamic_ncols=True)
 
 
-def measure_case(provider, mode, size, inputs, floor, device) -> dict:
-    """One row: check accuracy, then (only if it passed) time the call and take its peak memory."""
+def base_row(provider, mode, size, floor) -> dict:
+    """The keys of a case that do not depend on how its measurement went."""
     S, T = size.layout()
     row = {"impl": provider.name, "mode": mode, "N": size.N, "V": size.V, "dtype": size.dtype, "S": S, "T": T}
-    floor_bytes = bytes_moved("floor", mode, size.N, size.V, size.torch_dtype)
-    row |= {"floor_bytes": floor_bytes, "floor_ms": floor.ms(mode), "floor_read_gbps": floor.read_gbps}
-    row |= {"floor_copy_gbps": floor.copy_gbps, "note": provider.note}
+    row |= {"floor_bytes": bytes_moved("floor", mode, size.N, size.V, size.torch_dtype), "floor_ms": floor.ms(mode)}
+    return row | {"floor_read_gbps": floor.read_gbps, "floor_copy_gbps": floor.copy_gbps, "note": provider.note}
+
+
+def measure_case(provider, mode, size, inputs, floor, device) -> dict:
+    """One row: check accuracy, then (only if it passed) time the call and take its peak memory."""
+    row = base_row(provider, mode, size, floor)
+    floor_bytes = row["floor_bytes"]
     try:
         err, grad_err = providers.check_accuracy(provider, mode, *inputs)
-    except AssertionError as exc:
+    except providers.AccuracyError as exc:
         return row | {"status": "failed", "note": f"accuracy check failed, not timed: {exc}"}
 
     def call():
@@ -144,19 +147,31 @@ def measure_case(provider, mode, size, inputs, floor, device) -> dict:
 
 
 def guarded_case(*args) -> dict:
-    """``measure_case``, with out-of-memory and any other error turned into a row, memory released after."""
-    provider, mode, size = args[:3]
+    """``measure_case``, with out-of-memory and any other error (an implementation's own input checks included)
+    turned into a row, memory released after."""
+    provider, mode, size, _inputs, floor = args[:5]
     try:
         return measure_case(*args)
     except torch.cuda.OutOfMemoryError:
-        row = {"status": "oom", "note": "out of memory"}
+        outcome = {"status": "oom", "note": "out of memory"}
     except Exception as exc:  # one broken implementation must not end the sweep; its row says why
-        row = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
+        outcome = {"status": "error", "note": f"{type(exc).__name__}: {exc}"}
     finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return {"impl": provider.name, "mode": mode, "N": size.N, "V": size.V, "dtype": size.dtype} | row
+        release_memory()
+    return base_row(provider, mode, size, floor) | outcome
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A file interrupted mid-write (the sweep's time limit) is never left half written: write, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_results(
@@ -171,12 +186,13 @@ def write_results(
         merged = {tuple(r[k] for k in key): r for r in json.loads(path.read_text())["rows"]}
     merged |= {tuple(r[k] for k in key): r for r in rows}
     all_rows = list(merged.values())
-    path.write_text(json.dumps({"rows": all_rows, "unavailable": unavailable}, indent=1) + "\n")
+    write_atomically(path, json.dumps({"rows": all_rows, "unavailable": unavailable}, indent=1) + "\n")
     fields = list(dict.fromkeys(k for r in all_rows for k in r))
-    with open(out / f"{slug}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(all_rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(all_rows)
+    write_atomically(out / f"{slug}.csv", table.getvalue())
     return all_rows
 
 
@@ -191,6 +207,14 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> 
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
+def table_order(rows: list[dict]) -> list[dict]:
+    """Rows grouped by size in the order they were measured, the implementations in ``providers.NAMES`` order."""
+    first = {}
+    for r in rows:
+        first.setdefault((r["N"], r["V"], r["dtype"]), len(first))
+    return sorted(rows, key=lambda r: (first[(r["N"], r["V"], r["dtype"])], providers.NAMES.index(r["impl"])))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -198,9 +222,9 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         timing.keep_freed_memory()
     torch.manual_seed(0)
-    sizes = by_priority(shapes.sweep(args.quick, args.N, args.V, args.dtype))
-    everything = providers.get_providers(device)
-    chosen = [everything[name] for name in (args.impl or everything)]
+    sizes = shapes.priority(shapes.sweep(args.quick, args.N, args.V, args.dtype))
+    everything = providers.get_providers(device, args.impl)
+    chosen = [everything[name] for name in providers.RUN_ORDER if name in everything]
     unavailable = {p.name: p.unavailable for p in chosen if p.unavailable}
     runnable = [p for p in chosen if not p.unavailable]
     for name, reason in unavailable.items():
@@ -213,10 +237,32 @@ def main(argv=None) -> int:
         "device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
         "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
     }  # fmt: skip
+    try:
+        rows, all_rows = sweep(args, sizes, runnable, unavailable, device, slug, common)
+    finally:
+        providers.shutdown()
+    print(format_table(table_order(rows)))
+    for row in rows:
+        if row["status"] in ("failed", "error"):
+            print(f"{row['impl']} {row['mode']} N={row['N']} V={row['V']}: {row['status']}: {row['note']}")
+    print(f"results: {args.out / (slug + '.json')} and .csv ({len(all_rows)} rows)")
+    if not args.no_plots:
+        print(plots.plot_all(all_rows, args.out, slug))
+    return 1 if any(r["status"] in ("failed", "error") for r in rows) else 0
+
+
+def sweep(args, sizes, runnable, unavailable, device, slug, common) -> tuple[list[dict], list[dict]]:
+    """Measure every (size, provider, mode), writing the results file after each; returns (this run's rows, all
+    rows of the file)."""
     rows, all_rows, bar = [], [], progress(len(sizes) * len(runnable) * len(args.mode))
     for size in within_budget(sizes, args.budget_s):
-        floor = timing.measure_floor(size.N * size.V, size.torch_dtype, device)
-        inputs = shapes.make_inputs(size, device)
+        try:
+            floor = timing.measure_floor(size.N * size.V, size.torch_dtype, device)
+            inputs = shapes.make_inputs(size, device)
+        except torch.cuda.OutOfMemoryError:  # this size does not fit beside what is allocated: the next may
+            print(f"N={size.N} V={size.V} {size.dtype}: out of memory for the inputs or the floor, size skipped")
+            release_memory()
+            continue
         for provider in runnable:
             for mode in args.mode:
                 bar.set_postfix_str(f"{provider.name} {mode} N={size.N} V={size.V} {size.dtype}")
@@ -228,14 +274,7 @@ def main(argv=None) -> int:
                 bar.update()
         del inputs
     bar.close()
-    print(format_table(rows))
-    for row in rows:
-        if row["status"] in ("failed", "error"):
-            print(f"{row['impl']} {row['mode']} N={row['N']} V={row['V']}: {row['status']}: {row['note']}")
-    print(f"results: {args.out / (slug + '.json')} and .csv ({len(all_rows)} rows)")
-    if not args.no_plots:
-        print(plots.plot_all(all_rows, args.out, slug))
-    return 1 if any(r["status"] in ("failed", "error") for r in rows) else 0
+    return rows, all_rows
 
 
 if __name__ == "__main__":

@@ -84,6 +84,21 @@ def sweep(quick: bool, Ns=None, Vs=None, dtypes=None) -> list[Size]:
     return sizes
 
 
+def priority(sizes: list[Size]) -> list[Size]:
+    """The order a time-limited run measures ``sizes`` in, most telling first: the headline size (the issue's
+    target, PLOT_N x PLOT_V in bf16), the fp32 point, then the plots' two axes (N = PLOT_N across V, then
+    V = PLOT_V across N), then the rest in sweep order. A sweep cut short still has its table and plots."""
+
+    def rank(size: Size) -> int:
+        if (size.N, size.V, size.dtype) == (PLOT_N, PLOT_V, "bfloat16"):
+            return 0
+        if size.dtype == "float32" and (size.N, size.V) == FP32_POINT:
+            return 1
+        return 2 if size.N == PLOT_N else 3 if size.V == PLOT_V else 4
+
+    return sorted(sizes, key=rank)  # stable: sweep order within a rank
+
+
 def make_inputs(size: Size, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [S, T, V] ~ N(0, LOGIT_SCALE^2) drawn in the size's dtype (no float32 staging copy: at the largest
     size that copy alone is 34 GB), labels [S, T] all scored, upstream gradient [S] float32."""

@@ -86,6 +86,8 @@ def test_byte_model_matches_the_pass_counts():
     assert bytes_moved("fastdpo", "fwd_bwd", 8192, 128256, torch.bfloat16) == 3 * pass_bytes
     assert bytes_moved("eager", "fwd_bwd", 8192, 128256, torch.bfloat16) == 18 * pass_bytes
     assert bytes_moved("eager", "fwd_bwd", 8192, 128256, torch.float32) == 6 * 2 * pass_bytes
+    assert bytes_moved("trl-selective", "fwd_bwd", 8192, 128256, torch.bfloat16) == 8 * pass_bytes  # unbind's stack
+    assert bytes_moved("trl-selective", "fwd_bwd", 8192, 128256, torch.float32) == 18 * 2 * pass_bytes
 
 
 def test_sizes_split_into_sequences():
@@ -98,11 +100,44 @@ def test_sizes_split_into_sequences():
     assert full[-1] == shapes.Size(*shapes.FP32_POINT, "float32")
 
 
-def test_budget_order_puts_the_headline_size_first():
+def test_budget_order_puts_the_headline_size_first_then_fp32_then_the_plot_axes():
     sizes = shapes.sweep(False)
-    ordered = run.by_priority(sizes)
+    ordered = shapes.priority(sizes)
     assert (ordered[0].N, ordered[0].V, ordered[0].dtype) == (shapes.PLOT_N, shapes.PLOT_V, "bfloat16")
+    assert ordered[1] == shapes.Size(*shapes.FP32_POINT, "float32")
+    axes = len(shapes.VOCABS) - 1 + len(shapes.TOKENS) - 1  # the plots' other points along N = PLOT_N and V = PLOT_V
+    assert all(s.N == shapes.PLOT_N or s.V == shapes.PLOT_V for s in ordered[2 : 2 + axes])
     assert sorted(ordered, key=sizes.index) == sizes  # the same sizes, nothing lost or repeated
+
+
+def test_a_provider_that_raises_gets_an_error_row_with_the_floor(tmp_path):
+    """An implementation's own assertion (QuACK's input checks are asserts) is an error of the case, not an
+    accuracy failure, and its row keeps the size's floor."""
+    size = shapes.Size(256, 1000, "bfloat16")
+    inputs = shapes.make_inputs(size, CPU)
+    floor = timing.measure_floor(size.N * size.V, size.torch_dtype, CPU)
+
+    def asserts(logits, labels):
+        raise AssertionError("Input must be 2D")
+
+    row = run.guarded_case(providers.Provider("eager", asserts), "fwd", size, inputs, floor, CPU)
+    assert row["status"] == "error" and "Input must be 2D" in row["note"]
+    assert row["floor_ms"] == floor.ms("fwd") and row["S"] * row["T"] == size.N
+
+
+def test_commit_from_the_environment_outside_a_checkout(monkeypatch, tmp_path):
+    """The GPU machine receives the working tree without .git: the launcher passes the commit."""
+    monkeypatch.setattr(run, "RESULTS_DIR", tmp_path / "benchmarks" / "results")
+    (tmp_path / "benchmarks").mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setenv("FASTDPO_GIT_COMMIT", "0123abc")
+    assert run.git_commit() == ("0123abc", None)
+    monkeypatch.delenv("FASTDPO_GIT_COMMIT")
+    assert run.git_commit() == (None, None)
+
+
+def test_only_the_named_providers_are_set_up():
+    assert tuple(providers.get_providers(CPU, ["fastdpo", "eager"])) == ("eager", "fastdpo")
 
 
 def test_tuning_sweep_checks_and_times_each_variant(tmp_path):

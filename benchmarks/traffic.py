@@ -39,12 +39,13 @@ def _passes(impl: str, mode: str, b: int) -> int:
     }
     if b == f:
         # fp32: gather + per-sequence logsumexp = amax (r), x - max (r, w), exp_ (r, w), sum (r); backward:
-        # (x - lse) (r, w), exp (r, w), * grad (r, w), gather's zero-filled grad (w), sum of the two (r 2, w).
-        table["trl-selective"] = {"fwd": 6 * f, "fwd_bwd": 6 * f + 6 * f + f + 3 * f}
+        # (x - lse) (r, w), exp (r, w), * grad (r, w), gather's zero-filled grad (w), sum of the two (r 2, w),
+        # and the per-sequence loop's unbind backward stacks the sequences' gradients (r, w).
+        table["trl-selective"] = {"fwd": 6 * f, "fwd_bwd": 6 * f + 6 * f + f + 3 * f + 2 * f}
     else:
         # bf16/fp16: per-sequence log_softmax in the logits' dtype (r, w); backward: gather's zero-filled grad
-        # (w), log_softmax backward (read 2b, write b).
-        table["trl-selective"] = {"fwd": 2 * b, "fwd_bwd": 2 * b + b + 3 * b}
+        # (w), log_softmax backward (read 2b, write b), unbind's backward stacking the sequences (r, w).
+        table["trl-selective"] = {"fwd": 2 * b, "fwd_bwd": 2 * b + b + 3 * b + 2 * b}
     if impl not in table:
         raise KeyError(f"no byte model for implementation {impl!r}; known: {sorted(table)}")
     if mode not in MODES:
@@ -64,8 +65,8 @@ def bytes_moved(impl: str, mode: str, N: int, V: int, dtype: torch.dtype) -> int
           quack(-inplace), compile(-max-autotune)*
         liger                                         N V b            5 N V b
         eager                                         N V (u + 2f)     N V (2u + 6f)
-        trl-selective, bf16/fp16                      2 N V b          6 N V b
-        trl-selective, fp32                           6 N V f          16 N V f
+        trl-selective, bf16/fp16                      2 N V b          8 N V b
+        trl-selective, fp32                           6 N V f          18 N V f
 
     (*) compile is assumed fused down to the floor; the model cannot see inductor's choices.
     The floor is what any exact implementation must move: read the logits once forward, then read them once
