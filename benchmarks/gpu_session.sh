@@ -4,7 +4,9 @@
 #   1. the machine: GPU name, torch / CUDA / Triton versions;
 #   2. correctness on CUDA: the test files whose tensors follow the `device` fixture (kernels, ops, API, loss family,
 #      robustness, batch invariance, fused linear, torch.compile), and the NCCL group-of-one test;
-#   3. the logits sweep (`benchmarks.run`), the headline size (N 8192, V 128256, bf16) first;
+#   3. the logits sweep (`benchmarks.run`) without torch.compile, most telling sizes first (the headline N 8192,
+#      V 128256, bf16; then the fp32 point and the plots' axes), then torch.compile at the headline size alone:
+#      its compiles (max-autotune's above all) take longer than the other providers' whole rows;
 #   4. the tuning sweep of fastdpo's kernels (`benchmarks.tune`: block, warps, stages, row split; one knob at a time);
 #   5. the fused-linear sweep (`benchmarks.fused_linear`).
 # Run from the repository root. The peers (TRL, Liger-Kernel, Cut Cross-Entropy, QuACK) are used when their wheels are
@@ -14,11 +16,11 @@
 # device tool brings back); the logits sweep's plots are drawn afterwards from its JSON:
 # `python -m benchmarks.plots <out>/<gpu>.json`. The machine gets the working tree without .git, so the commit the
 # results were measured at comes from FASTDPO_GIT_COMMIT, set in the command (below).
-# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 140), BENCH_BUDGET_S (140),
-# TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget and writes every row as it is
-# measured; each step is interrupted at its budget plus a margin for the size in flight (tests 0 s, logits 60 s,
-# tuning and fused 40 s each) and killed 10-15 s later: at most 565 s with the defaults, plus the wheels' install,
-# inside the device tool's 600 s for one command. Each sweep takes extra arguments of its own: SWEEP_ARGS the
+# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 140), BENCH_BUDGET_S (100),
+# COMPILE_BUDGET_S (60), TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget and
+# writes every row as it is measured; each step is interrupted at its budget plus a margin for the size in flight
+# (tests 0 s, logits 40 s, compile 0 s, tuning and fused 40 s each) and killed 10-15 s later: at most 570 s with the
+# defaults, plus the wheels' install, inside the device tool's 600 s for one command. Each sweep takes extra arguments of its own: SWEEP_ARGS the
 # logits sweep's (`--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow it), FUSED_ARGS the
 # fused-linear sweep's (`--quick`, `--impl fastdpo-fused naive`), TUNE_ARGS the tuning sweep's (`--quick`).
 #
@@ -67,9 +69,14 @@ timeout -s INT -k 15 "${TEST_BUDGET_S:-140}" python3 -m pytest -q -rfE --tb=shor
   >"$OUT/tests.log" 2>&1
 echo "tests exit code: $?; summary: $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"
 
-step "logits sweep (budget ${BENCH_BUDGET_S:-140} s)"
-timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-140} + 60 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-140}" \
-  --out "$OUT" --no-plots ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -80 >>"$LOG"
+step "logits sweep without torch.compile (budget ${BENCH_BUDGET_S:-100} s)"
+not_compiled=$(python3 -c "from benchmarks.providers import RUN_ORDER; print(*(n for n in RUN_ORDER if 'compile' not in n))")
+timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-100} + 40 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-100}" \
+  --out "$OUT" --no-plots --impl $not_compiled ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
+
+step "torch.compile at the headline size (budget ${COMPILE_BUDGET_S:-60} s)"
+timeout -s INT -k 10 "${COMPILE_BUDGET_S:-60}" python3 -m benchmarks.run --out "$OUT" --no-plots \
+  --impl compile compile-max-autotune --N 8192 --V 128256 --dtype bfloat16 2>&1 | grep -v "case/s" | tail -12 >>"$LOG"
 
 step "tuning sweep (budget ${TUNE_BUDGET_S:-50} s)"
 timeout -s INT -k 10 $(( ${TUNE_BUDGET_S:-50} + 40 )) python3 -m benchmarks.tune --budget-s "${TUNE_BUDGET_S:-50}" \

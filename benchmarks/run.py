@@ -229,6 +229,9 @@ def main(argv=None) -> int:
     runnable = [p for p in chosen if not p.unavailable]
     for name, reason in unavailable.items():
         print(f"skipping {name}: {reason}")
+    if not runnable:
+        print("no implementation can run here: nothing measured")
+        return 0
 
     name = timing.device_name(device)
     slug = device_slug(name, device)
