@@ -38,6 +38,9 @@ def sequence_sums(
     pairs: torch.Tensor | None,
 ) -> torch.Tensor:
     """``sequence_logps`` after validation: ``[S]`` sums (means with ``average``), LD-DPO weighted with ``ld_alpha``."""
+    if pairs is not None and ld_alpha is None:
+        raise ValueError("pairs has no effect on sequence log-probs without ld_alpha (LD-DPO weights a sequence by its "
+                         "pair); pass it to dpo_loss, or with ld_alpha")  # fmt: skip
     labels = layout.mask_labels(labels, ignore_index)
     per_token = source(labels, (), False).logp
     scored = (labels[:, layout.shift :] != ignore_index).to(per_token.dtype)

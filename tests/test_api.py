@@ -122,7 +122,7 @@ def test_bad_arguments_raise_clear_errors(fn, device):
         (dict(logits=logits[0]), ValueError, "3-D"),
         (dict(logits=logits.int()), TypeError, "dtype"),
         (dict(logits=logits.transpose(1, 2).contiguous().transpose(1, 2)), ValueError, "unit-stride"),
-        (dict(labels=labels.float()), TypeError, "integer"),
+        (dict(labels=labels.float()), TypeError, "int64 or int32"),
         (dict(labels=labels[:, :-1]), ValueError, "labels must have shape"),
         (dict(logits=logits[:3], labels=labels[:3]), ValueError, "2B rows"),
         (dict(logits=logits[:, :1], labels=labels[:, :1]), ValueError, "T >= 2"),

@@ -33,6 +33,8 @@ def test_errors_name_the_argument(device):
         (lambda: fastdpo.sequence_logps(logits, labels, ignore_index=-100.0), TypeError, "ignore_index"),
         (lambda: fastdpo.token_logps(logits, labels, outputs="entropy"), TypeError, "tuple of names"),
         (lambda: fastdpo.dpo_loss(logits, labels, beta=math.inf, reference_free=True), ValueError, "beta"),
+        (lambda: fastdpo.sequence_logps(logits, labels, pairs=torch.tensor([[0, 1]], device=device)), ValueError,
+         "without ld_alpha"),
         (lambda: fastdpo.dpo_loss(logits, labels, reference_free=True, pairs=torch.ones(1, 2, dtype=torch.bool,
                                                                                         device=device)),
          ValueError, "pairs must be an int64"),
