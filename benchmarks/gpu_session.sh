@@ -64,7 +64,8 @@ step "tests on CUDA (budget ${TEST_BUDGET_S:-140} s; all of pytest's output in t
 # SIGINT first: pytest then still prints its summary and the failures
 timeout -s INT -k 15 "${TEST_BUDGET_S:-140}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
   "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" \
-  tests/test_kernels_logps.py tests/test_ops_logps.py tests/test_batch_invariance.py tests/test_compile.py \
+  tests/test_kernels_logps.py tests/test_kernels_sums.py tests/test_ops_logps.py tests/test_batch_invariance.py \
+  tests/test_compile.py \
   tests/test_fused_linear.py tests/test_api.py tests/test_dpo_family.py tests/test_robustness.py \
   >"$OUT/tests.log" 2>&1
 echo "tests exit code: $?; summary: $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"

@@ -3,7 +3,8 @@
 GPU: warm-up, then at least ``GPU_MIN_REPS`` calls, each bracketed by CUDA events with L2 flushed before it
 (a write over ``L2_FLUSH_FACTOR`` times the L2 size), so every call reads its inputs from HBM as a training
 step would. Flushing rather than rotating several copies of the inputs through more memory than L2 holds: the
-effect on the timed call is the same, and at the largest size one copy of the logits is 16.8 GB. Like ``triton.testing.do_bench``, but with a fixed minimum count of reps rather than a time budget,
+effect on the timed call is the same, and at the largest size one copy of the logits is 16.8 GB.
+Like ``triton.testing.do_bench``, but with a fixed minimum count of reps rather than a time budget,
 because the big sizes take tens of milliseconds a call. Peak memory: ``torch.cuda.max_memory_allocated``
 during one call minus what was allocated before it (the inputs).
 

@@ -43,6 +43,8 @@ def sequence_sums(
                          "pair); pass it to dpo_loss, or with ld_alpha")  # fmt: skip
     labels = layout.mask_labels(labels, ignore_index)
     per_token = source(labels, (), False).logp
+    if ld_alpha is None and not average:
+        return layout.sums(per_token)  # the plain sums: no launch beyond the log-prob kernel and the sums
     scored = (labels[:, layout.shift :] != ignore_index).to(per_token.dtype)
     if ld_alpha is not None:
         if not 0.0 <= ld_alpha <= 1.0:

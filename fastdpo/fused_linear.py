@@ -163,7 +163,8 @@ def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: b
 
 def _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias, vocab_parallel=None):
     """(ref_hidden, ref_weight, ref_bias) checked, the head defaulting to the policy's (a frozen shared head). Under
-    vocab parallelism a separate reference head is sharded as the policy's: its local rows (a DTensor's ``to_local``)."""
+    vocab parallelism a separate reference head is sharded as the policy's: its local rows (a DTensor's
+    ``to_local``)."""
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight/ref_bias need ref_hidden (the reference model's last hidden states)")

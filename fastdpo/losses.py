@@ -184,7 +184,8 @@ def pair_losses(terms: SequenceTerms, loss_type: str, cfg: LossConfig) -> torch.
         return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
     if loss_type == "exo_pair":
         q_c, q_r = torch.sigmoid(beta * delta), torch.sigmoid(-beta * delta)
-        return q_c * (F.logsigmoid(beta * delta) - math.log1p(-eps)) + q_r * (F.logsigmoid(-beta * delta) - math.log(eps))
+        return (q_c * (F.logsigmoid(beta * delta) - math.log1p(-eps))
+                + q_r * (F.logsigmoid(-beta * delta) - math.log(eps)))  # fmt: skip
     if loss_type == "nca_pair":
         return -F.logsigmoid(beta * rho_c) - 0.5 * F.logsigmoid(-beta * rho_c) - 0.5 * F.logsigmoid(-beta * rho_r)
     if loss_type == "bco_pair":

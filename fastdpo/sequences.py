@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import torch
 
+from fastdpo.ops import logps as logps_op
+
 SUM_BLOCK = 256  # rows per first-level block of a packed sum (a power of two)
+SUM_DTYPES = (torch.float32, torch.float64)  # per-token values: float32, float64 for float64 logits
 
 
 class _PairwiseSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.shape = x.shape
+        if x.ndim == 2 and logps_op.plain_eager(x) and logps_op.select_backend(x, SUM_DTYPES) == "triton":
+            return logps_op.triton_sums.pairwise_sums(x)  # the same tree in one launch
         acc = x.to(torch.float64)
         width = 1 << max(acc.shape[-1] - 1, 0).bit_length()
         acc = torch.nn.functional.pad(acc, (0, width - acc.shape[-1]))
@@ -43,7 +48,9 @@ def pairwise_sums(x: torch.Tensor) -> torch.Tensor:
     """``[R, L]`` -> ``[R]``, each row summed by a balanced binary tree of float64 adds over positions
     ``0 .. 2^k - 1`` (zeros past L), cast back to ``x.dtype``. Batch invariant: a row's bits depend on its own
     values only, not on R. Right-padding a row with zeros changes nothing either: the larger tree's left half is the
-    smaller tree, and its right half adds +0 at the root. Differentiable (the gradient is broadcast)."""
+    smaller tree, and its right half adds +0 at the root. Differentiable (the gradient is broadcast). Where the Triton
+    kernels run (CUDA, or the interpreter), one launch of ``fastdpo.kernels.sums`` computes the same tree, same bits;
+    under torch.compile the PyTorch tree, which inductor fuses."""
     return _PairwiseSums.apply(x)
 
 

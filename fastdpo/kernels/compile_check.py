@@ -21,6 +21,7 @@ whatever the tuning. Exit status: 0 ok, 1 a compile failure, 2 a spill, 3 narrow
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -90,11 +91,15 @@ def make_source(kernel, dtype: str, cfg, aligned: bool, variant: str = "plain", 
         sig[p.name] = arg_type(p.name, dtype)
         if p.name.endswith("_ptr") or (aligned and (p.name == "V" or p.name.startswith("stride_"))):
             attrs[(i,)] = [["tt.divisibility", 16]]
+    return ast_source(kernel, sig, consts, attrs)
+
+
+def ast_source(kernel, sig: dict, consts: dict, attrs: dict | None = None) -> ASTSource:
     try:  # Triton >= 3.3 maps constexpr names to argument paths itself
-        return ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
+        return ASTSource(kernel, sig, constexprs=consts, attrs=attrs or {})
     except (AssertionError, TypeError, ValueError):  # otherwise key them by path, (index,)
         return ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
-                         attrs=attrs)  # fmt: skip
+                         attrs=attrs or {})  # fmt: skip
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -167,37 +172,64 @@ def check(kernels) -> list[dict]:
                 num_warps = 1 if phases[phase] == "fold_partials" else cfg.num_warps
                 name = kernel.__name__ + (f"[{phases[phase]}]" if phase is not None else "")
                 row = {"kernel": name, "flags": variant, "dtype": dtype, "target": f"sm_{cc}",
-                       "BLOCK_V": cfg.block_v, "num_warps": num_warps, "aligned16": aligned, "V": vocabs,
-                       "registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
-                       "programs_per_sm": None, "copy_bytes": None, "store_bytes": None, "error": None}  # fmt: skip
-                try:
-                    src = make_source(kernel, dtype, cfg, aligned, variant, phase)
-                    k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps})
-                    use = resource_usage(k.asm["cubin"])
-                    row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
-                    row.update(registers=use["REG"], shared_bytes=k.metadata.shared,
-                               static_shared_bytes=use["SHARED"], spill_bytes=use["STACK"] + use["LOCAL"])
-                    # dynamic plus static shared memory: on sm_90a cuobjdump reports 1 KB static that the PTX does
-                    # not declare (perhaps the driver's reserve again); counted, to err on the low side
-                    shared = k.metadata.shared + use["SHARED"]
-                    row["programs_per_sm"] = programs_per_sm(cc, use["REG"], num_warps, shared)
-                    row["copy_bytes"], row["store_bytes"] = access_widths(k.asm["ptx"])
-                except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
-                    row["error"] = f"{type(e).__name__}: {e}"
-                rows.append(row)
+                       "BLOCK_V": cfg.block_v, "num_warps": num_warps, "aligned16": aligned, "V": vocabs}  # fmt: skip
+                source = functools.partial(make_source, kernel, dtype, cfg, aligned, variant, phase)
+                rows.append(compiled(row, source, cc))
     return rows
+
+
+# The per-sequence sums kernel (fastdpo.kernels.sums) at the chunk sizes it is launched with: a one-token row, a short
+# one, a DPO completion, its maximum; reading float32 or float64 and writing either (float64: chunk partials).
+SUM_CHUNKS = (1, 64, 1024, 4096)
+SUM_DTYPES = ("fp32", "fp64", "fp32>fp64", "fp64>fp32")
+
+
+def check_sums(kernel) -> list[dict]:
+    from fastdpo.kernels.sums import NUM_WARPS
+
+    rows = []
+    for dtype, cc, chunk in itertools.product(SUM_DTYPES, CAPABILITIES, SUM_CHUNKS):
+        read, _, written = dtype.partition(">")
+        sig = {"x_ptr": "*" + read, "out_ptr": "*" + (written or read), "L": "i32", "stride_x_r": "i64",
+               "stride_x_l": "i64", "stride_out_r": "i64", "CHUNK": "constexpr", "LOG2_CHUNK": "constexpr"}  # fmt: skip
+        row = {"kernel": kernel.__name__, "flags": "-", "dtype": dtype, "target": f"sm_{cc}", "BLOCK_V": chunk,
+               "num_warps": NUM_WARPS, "aligned16": False, "V": []}  # fmt: skip
+        consts = {"CHUNK": chunk, "LOG2_CHUNK": chunk.bit_length() - 1}
+        rows.append(compiled(row, functools.partial(ast_source, kernel, sig, consts), cc))
+    return rows
+
+
+def compiled(row: dict, source, cc: int) -> dict:
+    """``row`` with what compiling ``source()`` for sm_``cc`` gives: registers, shared memory, spills, occupancy
+    and access widths, or the error."""
+    row |= {"registers": None, "shared_bytes": None, "static_shared_bytes": None, "spill_bytes": None,
+            "programs_per_sm": None, "copy_bytes": None, "store_bytes": None, "error": None}  # fmt: skip
+    try:
+        k = triton.compile(source(), target=GPUTarget("cuda", cc, 32), options={"num_warps": row["num_warps"]})
+        use = resource_usage(k.asm["cubin"])
+        row["target"] = re.search(r"^\.target\s+(\w+)", k.asm["ptx"], re.M).group(1)
+        row.update(registers=use["REG"], shared_bytes=k.metadata.shared, static_shared_bytes=use["SHARED"],
+                   spill_bytes=use["STACK"] + use["LOCAL"])  # fmt: skip
+        # dynamic plus static shared memory: on sm_90a cuobjdump reports 1 KB static that the PTX does not declare
+        # (perhaps the driver's reserve again); counted, to err on the low side
+        shared = k.metadata.shared + use["SHARED"]
+        row["programs_per_sm"] = programs_per_sm(cc, use["REG"], row["num_warps"], shared)
+        row["copy_bytes"], row["store_bytes"] = access_widths(k.asm["ptx"])
+    except Exception as e:  # noqa: BLE001 - report every failure, then exit non-zero
+        row["error"] = f"{type(e).__name__}: {e}"
+    return row
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
-    from fastdpo.kernels import logps
+    from fastdpo.kernels import logps, sums
 
     kernels = (logps._logps_fwd_kernel, logps._logps_bwd_kernel)
-    if not all(isinstance(k, triton.runtime.JITFunction) for k in kernels):
+    if not all(isinstance(k, triton.runtime.JITFunction) for k in (*kernels, sums._pairwise_sums_kernel)):
         sys.exit("compile_check: the kernels were built for the interpreter (TRITON_INTERPRET=1); run without it")
-    rows = check(kernels)
+    rows = check(kernels) + check_sums(sums._pairwise_sums_kernel)
     head = ("kernel", "flags", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
             "static_shared_bytes", "spill_bytes", "programs_per_sm", "copy_bytes", "store_bytes")  # fmt: skip
     cell = lambda v: ",".join(map(str, v)) or "-" if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731

@@ -31,8 +31,9 @@ from fastdpo._logps_outputs import STATS, LogpsForward
 
 try:
     from fastdpo.kernels import logps as triton_logps
+    from fastdpo.kernels import sums as triton_sums
 except ImportError:  # Triton is optional on CPU-only installs
-    triton_logps = None
+    triton_logps = triton_sums = None
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -59,14 +60,15 @@ def stats_of(mask: int) -> tuple:
     return tuple(name for i, name in enumerate(STATS) if mask >> i & 1)
 
 
-def select_backend(logits: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"`` for these logits, honouring ``FASTDPO_BACKEND``."""
+def select_backend(logits: torch.Tensor, dtypes: tuple | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for these logits (or, with ``dtypes``, another tensor a kernel takes in those
+    dtypes), honouring ``FASTDPO_BACKEND``."""
     requested = os.environ.get("FASTDPO_BACKEND", "auto")
     if requested not in BACKENDS:
         raise ValueError(f"FASTDPO_BACKEND must be one of {BACKENDS}, got {requested!r}")
     triton_ok = (
         triton_logps is not None
-        and logits.dtype in triton_logps.SUPPORTED_DTYPES
+        and logits.dtype in (dtypes or triton_logps.SUPPORTED_DTYPES)
         and (logits.is_cuda or (logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"))
     )
     if requested == "triton" and not triton_ok:

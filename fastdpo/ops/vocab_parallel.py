@@ -66,8 +66,8 @@ def merge_shards(logp_s, lse_s, stats_s, row_labels, stat_names, ignore_index, g
     log_l_s = lse_s[1]
     m_s = torch.where(log_l_s == -torch.inf, -torch.inf, lse_s[0])  # a shard with no finite logit: no max
     m = _all_reduce(m_s.clone(), dist.ReduceOp.MAX, group)
-    l = _all_reduce(torch.exp(log_l_s + (m_s - m)), dist.ReduceOp.SUM, group)
-    log_l = torch.where(scored, torch.log(l), 0.0)
+    l_sum = _all_reduce(torch.exp(log_l_s + (m_s - m)), dist.ReduceOp.SUM, group)
+    log_l = torch.where(scored, torch.log(l_sum), 0.0)
     r = torch.where(m_s == -torch.inf, 0.0, torch.exp(m_s - m))
     # one SUM carries the owner's log-prob and label logit, and every rank's partial entropy / log sum p^2 terms
     parts = {"logp": torch.where(owned, logp_s - ((m - m_s) + (log_l - log_l_s)), 0.0)}
@@ -91,7 +91,7 @@ def merge_shards(logp_s, lse_s, stats_s, row_labels, stat_names, ignore_index, g
     stats_out = torch.zeros_like(stats_s) if stat_names else None
     entropy = None
     if "entropy" in stat:
-        entropy = torch.where(scored, log_l - total["entropy"] / l, 0.0)
+        entropy = torch.where(scored, log_l - total["entropy"] / l_sum, 0.0)
         stats_out[STATS.index("entropy")] = entropy
     if "log_sum_sq_probs" in stat:
         log_sum_sq = torch.log(total["sum_sq"]) - 2 * log_l
