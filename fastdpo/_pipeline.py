@@ -81,12 +81,14 @@ def preference(
         raise ValueError("a reference is required: ref_chosen_logps and ref_rejected_logps of shape (B,), or "
                          "ref_logits (ref_hidden on the fused-linear path), or reference_free=True")  # fmt: skip
 
-    chosen_tokens, rejected_tokens = by_pair_of(pairs, layout.label_counts(labels, ignore_index))
-    labels = layout.mask_labels(labels, ignore_index)
     stats = (("entropy", "mean_logits", "is_top1") if return_metrics else ()) + (
         ("log_sum_sq_probs",) if cfg.use_weighting else ()
     )
-    tok = source(labels, ordered_stats(stats), use_inline_ref)
+    # the log-prob kernel first: the small launches below then queue behind it instead of delaying it
+    masked = layout.mask_labels(labels, ignore_index)
+    tok = source(masked, ordered_stats(stats), use_inline_ref)
+    chosen_tokens, rejected_tokens = by_pair_of(pairs, layout.label_counts(labels, ignore_index))
+    labels = masked
     scored = (labels[:, layout.shift :] != ignore_index).to(tok.logp.dtype)
     n_scored = layout.sums(scored)
 
