@@ -153,3 +153,19 @@ def test_tuning_sweep_checks_and_times_each_variant(tmp_path):
         assert row["status"] == "ok" and row["max_rel_diff"] <= 1e-5
         assert row["floor_fraction"] == pytest.approx(row["floor_ms"] / row["ms_p50"])
         assert {"device", "torch", "triton", "git_commit", "command", "gbps"} <= row.keys()
+
+
+def test_host_time_measures_every_entry_point(tmp_path, monkeypatch):
+    from benchmarks import host_time
+
+    monkeypatch.setattr(host_time, "REPS", 20)
+    monkeypatch.setattr(host_time, "WARMUP", 5)
+    assert host_time.main(["--out", str(tmp_path)]) == 0
+    _, data = _results(tmp_path)
+    us = data["host_us_before_kernel"]
+    assert set(us) == {"sequence_logps fwd", "dpo_loss fwd", "dpo_loss fwd, return_metrics", "sequence_logps bwd",
+                       "dpo_loss bwd"}  # fmt: skip
+    assert all(0 < v < 1e5 for v in us.values())
+    from fastdpo.ops import logps as logps_op
+
+    assert logps_op.impl_for(torch.zeros(1, 1, 1)) is not host_time._Stub  # the launchers are restored
