@@ -13,8 +13,6 @@ CUDA driver a few microseconds, which this does not see. Writes ``<out>/host-tim
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
@@ -23,8 +21,7 @@ from pathlib import Path
 import torch
 
 import fastdpo
-from benchmarks.run import RESULTS_DIR, device_slug, git_commit
-from benchmarks.timing import device_name
+from benchmarks.run import RESULTS_DIR, write_record
 from fastdpo._logps_outputs import LogpsForward
 from fastdpo.ops import logps as logps_op
 
@@ -95,14 +92,8 @@ def main(argv=None) -> int:
         logps_op.impl_for = real
     for name, value in us.items():
         print(f"{name:32s} {value:7.1f} us before the kernel")
-    cpu = torch.device("cpu")
-    commit, dirty = git_commit()
-    result = {"device": device_name(cpu), "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty,
-              "command": shlex.join(["python", "-m", "benchmarks.host_time", *argv]), "reps": REPS,
-              "host_us_before_kernel": us}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"host-time-{device_slug(device_name(cpu), cpu)}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_record(args.out, "host-time", torch.device("cpu"), "benchmarks.host_time", argv,
+                        {"reps": REPS, "host_us_before_kernel": us})  # fmt: skip
     print(f"results: {path}")
     return 0
 

@@ -12,8 +12,6 @@ stand. Truth is the same bf16 values in float64. Writes ``results/precision-<dev
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -22,8 +20,7 @@ import torch
 
 import fastdpo
 from benchmarks.providers import _needs
-from benchmarks.run import RESULTS_DIR, device_slug, git_commit
-from benchmarks.timing import device_name
+from benchmarks.run import RESULTS_DIR, write_record
 
 
 def _trl():
@@ -79,14 +76,8 @@ def main(argv=None) -> int:
                          "mean_abs_error_nats": statistics.mean(errs), "max_abs_error_nats": max(errs),
                          "sequences": args.sequences})  # fmt: skip
             print(f"logit std {std:>5}: {name:<45} mean |error| {statistics.mean(errs):.2e} nats, max {max(errs):.2e}")
-    name = device_name(device)
-    commit, dirty = git_commit()
-    out = {"device": name, "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty,
-           "command": shlex.join(["python", "-m", "benchmarks.precision", *argv]), "rows": rows,
-           "unavailable": {"trl": trl_missing} if trl_missing else {}}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"precision-{device_slug(name, device)}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    path = write_record(args.out, "precision", device, "benchmarks.precision", argv,
+                        {"rows": rows, "unavailable": {"trl": trl_missing} if trl_missing else {}})  # fmt: skip
     print(f"results: {path}")
     return 0
 

@@ -196,6 +196,19 @@ def write_results(
     return all_rows
 
 
+def write_record(out: Path, prefix: str, device: torch.device, module: str, argv: list[str], fields: dict) -> Path:
+    """``<out>/<prefix>-<device>.json``: ``fields`` with the device, versions, commit and command of the run (the
+    one-record results of ``benchmarks.precision`` and ``benchmarks.host_time``)."""
+    name = timing.device_name(device)
+    commit, dirty = git_commit()
+    record = {"device": name, "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty,
+              "command": shlex.join(["python", "-m", module, *argv])} | fields  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{prefix}-{device_slug(name, device)}.json"
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
     def cell(value):
         if value is None:
