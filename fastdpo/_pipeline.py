@@ -72,8 +72,11 @@ def preference(
     """``dpo_loss`` after validation of the inputs the source reads. ``has_inline_reference``: the source can
     compute the reference's per-token log-probs in the same sweep (``ref_logits`` or ``ref_hidden``)."""
     device = labels.device
-    pairs = _validation.resolve_pairs(pairs, layout.num_sequences, device, distinct=cfg.ld_alpha is not None)
-    B = pairs.shape[0]
+    if pairs is None:  # the default pairing is built after the kernel's launch, its B known now
+        B = _validation.check_pairs(layout.num_sequences)
+    else:
+        pairs = _validation.resolve_pairs(pairs, layout.num_sequences, device, distinct=cfg.ld_alpha is not None)
+        B = pairs.shape[0]
     _validation.check_reference_logps("ref_chosen_logps", ref_chosen_logps, B, device)
     _validation.check_reference_logps("ref_rejected_logps", ref_rejected_logps, B, device)
     use_inline_ref = cfg.needs_reference and has_inline_reference
@@ -87,6 +90,8 @@ def preference(
     # the log-prob kernel first: the small launches below then queue behind it instead of delaying it
     masked = layout.mask_labels(labels, ignore_index)
     tok = source(masked, ordered_stats(stats), use_inline_ref)
+    if pairs is None:
+        pairs = _validation.resolve_pairs(None, layout.num_sequences, device)
     chosen_tokens, rejected_tokens = by_pair_of(pairs, layout.label_counts(labels, ignore_index))
     labels = masked
     scored = (labels[:, layout.shift :] != ignore_index).to(tok.logp.dtype)
