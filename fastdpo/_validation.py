@@ -103,7 +103,8 @@ def check_label_values(labels: torch.Tensor, V: int, ignore_index: int, first_sc
 def check_pairs(N: int) -> int:
     """Number of pairs B for a chosen-then-rejected batch of N rows."""
     if N % 2:
-        raise ValueError(f"logits must hold 2B rows (chosen rows [0, B), then rejected rows [B, 2B)), got N = {N}")
+        raise ValueError(f"the batch must hold 2B rows or packed sequences (chosen [0, B), then rejected [B, 2B)), "
+                         f"got {N}")  # fmt: skip
     return N // 2
 
 
@@ -117,7 +118,7 @@ def check_reference_logps(name: str, value: torch.Tensor | None, B: int, device:
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.device != device:
-        raise ValueError(f"{name} must be on the logits' device {device}, got {value.device}")
+        raise ValueError(f"{name} must be on the inputs' device {device}, got {value.device}")
 
 
 def check_packing(
@@ -139,19 +140,22 @@ def check_packing(
     if N != 1:
         last = "D" if name == "hidden" else "V"
         raise ValueError(f"a packed batch has {name} of shape (1, total_T, {last}), got {tuple(logits.shape)}")
+    given = "cu_seq_lens"
     if position_ids is not None:
         if total_T is None:
             check_position_ids(position_ids, logits, name=name)
         cu_seq_lens = cu_seq_lens_from_position_ids(position_ids)
+        given = "position_ids (a sequence starts where its position is 0, so the first position must be 0): the "\
+                "cu_seq_lens they give"
     if cu_seq_lens.ndim != 1 or cu_seq_lens.numel() < 2 or cu_seq_lens.dtype.is_floating_point:
-        raise ValueError(f"cu_seq_lens must be a 1-D integer tensor [0, end_0, ..., {T}], got shape "
+        raise ValueError(f"{given} must be a 1-D integer tensor [0, end_0, ..., {T}], got shape "
                          f"{tuple(cu_seq_lens.shape)} {cu_seq_lens.dtype}")  # fmt: skip
     if cu_seq_lens.device != logits.device:
         raise ValueError(f"cu_seq_lens must be on the {name}' device {logits.device}, got {cu_seq_lens.device}")
     if not torch.compiler.is_compiling() and bool(
         (cu_seq_lens[0] != 0) | (cu_seq_lens[-1] != T) | (cu_seq_lens.diff() <= 0).any()
     ):
-        raise ValueError(f"cu_seq_lens must start at 0, end at total_T = {T} and increase strictly, got "
+        raise ValueError(f"{given} must start at 0, end at total_T = {T} and increase strictly, got "
                          f"{cu_seq_lens.tolist()}")  # fmt: skip
     return cu_seq_lens
 

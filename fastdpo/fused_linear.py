@@ -73,7 +73,9 @@ def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignor
     if not isinstance(hidden, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"hidden and labels must be tensors, got {type(hidden).__name__} and {type(labels).__name__}")
     shape = "(N, T, D)" if ndim == 3 else "(N, D)"
-    if hidden.ndim != ndim or hidden.dtype not in HIDDEN_DTYPES or hidden.numel() == 0:
+    # per-token calls may have no rows (TRL passes only the scored rows, and a micro-batch can have none)
+    empty = hidden.shape[-1] == 0 if ndim == 2 else hidden.numel() == 0
+    if hidden.ndim != ndim or hidden.dtype not in HIDDEN_DTYPES or empty:
         raise ValueError(f"hidden must be a non-empty {shape} float16/bfloat16/float32 tensor, got shape "
                          f"{tuple(hidden.shape)} and dtype {hidden.dtype}")  # fmt: skip
     _check_head("hidden", hidden, weight, bias)
@@ -113,10 +115,13 @@ def _lm_head(weight, bias, group, start):
 
 
 def _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements, stats=()):
+    def positive(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
     for name, value in (("temperature", temperature), ("logit_scale", logit_scale)):
-        if not 0 < value < math.inf:
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
-    if final_logit_softcapping is not None and not 0 < final_logit_softcapping < math.inf:
+        if not positive(value):
+            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    if final_logit_softcapping is not None and not positive(final_logit_softcapping):
         raise ValueError(f"final_logit_softcapping must be None or finite and > 0, got {final_logit_softcapping}")
     if tile_elements is not None and (not isinstance(tile_elements, int) or tile_elements < 1):
         raise ValueError(f"tile_elements must be None or a positive int (logits per tile), got {tile_elements!r}")

@@ -203,6 +203,18 @@ def test_module_matches_function(device):
     assert torch.equal(got, want)
 
 
+def test_token_logps_of_no_rows(backend, device):
+    """A micro-batch whose labels are all masked reaches the per-token call with no rows (TRL passes the scored
+    rows only): empty outputs, and zero gradients for the head."""
+    hidden = torch.randn(0, 8, device=device, requires_grad=True)
+    weight = torch.randn(20, 8, device=device, requires_grad=True)
+    out = fastdpo.fused_linear_token_logps(hidden, weight, torch.zeros(0, dtype=torch.long, device=device),
+                                           outputs=("log_probs", "entropy"))  # fmt: skip
+    assert out.log_probs.shape == out.entropy.shape == (0,)
+    (out.log_probs.sum() + out.entropy.sum()).backward()
+    assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
 def test_bf16_sequence_logp_error_below_target(device):
     """Issue target: with float32 logit tiles a 256-token bf16 sequence log-prob is within 0.05 nats of float64.
     Rounding the tile to bf16 first (what TRL 1.16's fused head does) misses it by far more on the same input."""
@@ -227,6 +239,7 @@ def test_bf16_sequence_logp_error_below_target(device):
         (dict(labels=torch.zeros(2, 4, dtype=torch.long)), r"labels must have shape \(2, 5\)"),
         (dict(labels=torch.full((2, 5), 10)), r"labels must be in \[0, V\) = \[0, 10\)"),
         (dict(logit_scale=0.0), "logit_scale must be finite and > 0"),
+        (dict(logit_scale=None), "logit_scale must be finite and > 0, got None"),
         (dict(final_logit_softcapping=-1.0), "final_logit_softcapping must be None or finite and > 0"),
         (dict(tile_elements=0), "tile_elements must be None or a positive int"),
         (dict(ref_weight=torch.zeros(10, 8)), "ref_weight/ref_bias need ref_hidden"),

@@ -201,16 +201,100 @@ def test_trl_padding_free_equals_padded(config, monkeypatch):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (step, name)
 
 
-def test_packed_model_isolates_sequences():
-    """One packed row with a block-diagonal mask gives each sequence exactly its padded-row outputs."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_model_isolates_sequences(attn):
+    """One packed row with a block-diagonal mask gives each sequence exactly its padded-row outputs, under sdpa and
+    eager attention (eager adds the mask to the scores: a boolean mask masked nothing there)."""
     from fastdpo.integrations.trl import _block_causal_mask
 
     model = tiny.make_model(tiny.make_tokenizer()).eval()
+    model.set_attn_implementation(attn)
     batch = _batch(n_pairs=3)
     keep = batch["attention_mask"].bool()
     position_ids = (keep.cumsum(1) - 1)[keep].unsqueeze(0)
     with torch.no_grad():
         padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
         packed = model(input_ids=batch["input_ids"][keep].unsqueeze(0), position_ids=position_ids,
-                       attention_mask=_block_causal_mask(keep)).logits[0]  # fmt: skip
+                       attention_mask=_block_causal_mask(keep, model.dtype)).logits[0]  # fmt: skip
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_model_refuses_what_its_mask_cannot_express():
+    """Without flash attention: a sequence longer than the sliding window, and a MoE router loss, raise."""
+    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from fastdpo.integrations.trl import PackedModel, _check_maskable
+
+    batch = _batch(n_pairs=2)
+    small = dict(vocab_size=len(tiny.make_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    longest = int(batch["attention_mask"].sum(1).max())
+    cases = [
+        (MistralForCausalLM(MistralConfig(**small, sliding_window=longest - 1)), "sliding window"),
+        (MixtralForCausalLM(MixtralConfig(**small, num_local_experts=2, num_experts_per_tok=1,
+                                          output_router_logits=True)), "router"),  # fmt: skip
+    ]
+    for model, match in cases:
+        with pytest.raises(ValueError, match=match):
+            PackedModel(model)(**batch, fused_lm_head=True)
+    # a window no sequence reaches changes nothing: accepted
+    _check_maskable(MistralConfig(**small, sliding_window=longest), batch["attention_mask"].bool())
+
+
+def test_trainer_reads_padding_free_from_a_positional_config():
+    """TRL's signature is (model, ref_model, args, ...): a config passed positionally is the third argument."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from fastdpo.integrations import trl as fastdpo_trl
+
+    tok = tiny.make_tokenizer()
+    model = tiny.make_model(tok)
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, report_to="none", use_cpu=True, bf16=False, padding_free=True)
+        trainer = fastdpo_trl.DPOTrainer(model, copy.deepcopy(model), args, processing_class=tok,
+                                         train_dataset=Dataset.from_list(tiny.load_pairs()[:4]))  # fmt: skip
+    assert trainer.fastdpo_packed
+
+
+def test_packed_model_under_a_ddp_like_wrapper_reads_the_inner_config():
+    """The trainer may hand compute_loss a DDP-wrapped model (no .config of its own)."""
+    from fastdpo.integrations.trl import _unwrapped
+
+    model = tiny.make_model(tiny.make_tokenizer())
+
+    class Wrapper(torch.nn.Module):  # DistributedDataParallel's shape: the model at .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert _unwrapped(Wrapper(Wrapper(model))) is model and _unwrapped(model) is model
+
+
+def test_peft_like_model_is_read_through_its_base_model():
+    """A PEFT model's ``base_model`` is the adapter wrapper (its forward is the whole causal LM): the hidden states
+    come from ``get_base_model()``'s backbone, so the loss equals the plain model's."""
+    model = tiny.make_model(tiny.make_tokenizer())
+
+    class Adapters(torch.nn.Module):  # peft's LoraModel: holds the model, forwards to all of it
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, **kwargs):
+            return self.model(**kwargs)
+
+    class PeftLike(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.base_model, self.config = Adapters(inner), inner.config
+
+        def get_base_model(self):
+            return self.base_model.model
+
+        def get_output_embeddings(self):
+            return self.base_model.model.get_output_embeddings()
+
+    batch = _batch(n_pairs=2)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.sequence_logps(PeftLike(model), batch), hf.sequence_logps(model, batch))

@@ -47,10 +47,13 @@ def lm_head(model) -> torch.nn.Linear:
 
 def last_hidden_states(model, batch: dict) -> torch.Tensor:
     """``[N, T, D]`` hidden states that the LM head would project: the backbone's output (``model.base_model``,
-    as TRL calls it), without the head. ``labels`` in ``batch`` are not passed to the model."""
+    as TRL calls it), without the head. ``labels`` in ``batch`` are not passed to the model. A PEFT model is read
+    through ``get_base_model()`` (the transformers model with its adapters injected): its own ``base_model`` is
+    the adapter wrapper, whose forward is the whole causal LM."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs["use_cache"] = False
-    return model.base_model(**inputs).last_hidden_state
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.base_model(**inputs).last_hidden_state
 
 
 def _packing(batch: dict, kwargs: dict) -> dict:

@@ -23,9 +23,11 @@ Padding-free: TRL 1.16's DPO only warns on ``padding_free=True`` and pads. ``DPO
 padded batch is packed into one row (padding dropped, ``position_ids`` restarting per sequence), the model and
 the reference run on that row, and the per-token outputs go back to TRL's padded layout, so TRL's loss and
 metrics code runs unchanged. Attention stays within each sequence: flash-attention implementations read the
-sequence boundaries from ``position_ids``; any other (sdpa, eager) gets a block-diagonal causal mask of
-``total_tokens^2`` booleans (fine for the short batches of DPO on CPU; use flash attention at scale). Not
-supported together with padding-free (an error at construction): a PEFT adapter-disabled reference, vision data.
+sequence boundaries from ``position_ids``; any other (sdpa, eager) gets a block-diagonal causal additive mask of
+``total_tokens^2`` values in the model's dtype (fine for the short batches of DPO on CPU; use flash attention at
+scale). Without flash attention, a step raises rather than run what the mask cannot express: a sequence longer than
+the model's sliding window, or a MoE router loss (``output_router_logits``). Not supported together with
+padding-free (an error at construction): a PEFT adapter-disabled reference, vision data.
 
 ``patch_trl()`` swaps the hook for the duration of a ``with`` block (or until ``.undo()``); ``DPOTrainer``
 applies it around its own loss and reference computations only, so other trainers in the process are untouched.
@@ -108,8 +110,11 @@ class PackedModel:
         position_ids = (keep.cumsum(1) - 1)[keep].unsqueeze(0)
         packed_labels = labels[keep].clone()
         packed_labels[position_ids[0] == 0] = -100  # a sequence's first token is never scored (nor read across)
-        mask = {} if "flash" in str(getattr(self.model.config, "_attn_implementation", "")) else {
-            "attention_mask": _block_causal_mask(keep)}  # fmt: skip
+        inner = _unwrapped(self.model)
+        mask = {}
+        if "flash" not in str(getattr(inner.config, "_attn_implementation", "")):
+            _check_maskable(inner.config, keep)
+            mask = {"attention_mask": _block_causal_mask(keep, inner.dtype)}
         out = self.model(input_ids=input_ids[keep].unsqueeze(0), position_ids=position_ids,
                          labels=packed_labels.unsqueeze(0), fused_lm_head=True, **mask, **kwargs)  # fmt: skip
         # padded (n, t) scores token t + 1 of row n: packed position j = rank of token (n, t) among kept tokens
@@ -122,11 +127,41 @@ class PackedModel:
         return out
 
 
-def _block_causal_mask(keep: torch.Tensor) -> torch.Tensor:
-    """``[1, 1, total, total]`` boolean mask: causal within each packed sequence, nothing across them."""
+def _unwrapped(model):
+    """The model inside DDP / DeepSpeed / torch.compile wrappers (the trainer may hand ``compute_loss`` a wrapper)."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _check_maskable(config, keep: torch.Tensor) -> None:
+    """Raise where one block-causal mask cannot stand for what the model's attention would do packed without flash
+    attention: a sliding window shorter than a sequence (the mask keeps the whole causal block), and MoE models'
+    router loss (TRL hands it the attention mask, and it expects a 2-D one)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    sliding = window is not None and ("sliding_attention" in layer_types or not layer_types)
+    longest = int(keep.sum(1).max())
+    if sliding and longest > window:
+        raise ValueError(f"padding_free=True without flash attention: a sequence of {longest} tokens is longer than the "
+                         f"model's sliding window ({window}), which the packed mask cannot express; use "
+                         "attn_implementation='flash_attention_2' (or 3), or padding_free=False")  # fmt: skip
+    if getattr(config, "output_router_logits", False):
+        raise ValueError("padding_free=True with output_router_logits (a MoE router loss) needs flash attention: the "
+                         "router loss is computed from the attention mask, which packed is a [total, total] block "
+                         "mask; use attn_implementation='flash_attention_2' (or 3), or padding_free=False")  # fmt: skip
+
+
+def _block_causal_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[1, 1, total, total]`` additive mask in the model's dtype: 0 within each packed sequence's causal block,
+    the dtype's lowest value elsewhere. Additive, not boolean: transformers uses a 4-D mask as given, and eager
+    attention adds it to the scores (a boolean True would add 1 and mask nothing)."""
     sequence = torch.repeat_interleave(torch.arange(keep.shape[0], device=keep.device), keep.sum(1))
     causal = torch.ones(sequence.numel(), sequence.numel(), dtype=torch.bool, device=keep.device).tril()
-    return ((sequence[:, None] == sequence[None, :]) & causal)[None, None]
+    allowed = (sequence[:, None] == sequence[None, :]) & causal
+    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill_(~allowed, torch.finfo(dtype).min)[
+        None, None
+    ]
 
 
 def __getattr__(name: str):
@@ -149,7 +184,7 @@ def _trainer_class():
 
             def __init__(self, *args, **kwargs):
                 _hook()  # fail at construction, not at the first step, on an unsupported TRL
-                config = kwargs.get("args", args[1] if len(args) > 1 else None)
+                config = kwargs.get("args", args[2] if len(args) > 2 else None)  # (model, ref_model, args, ...)
                 self.fastdpo_packed = bool(getattr(config, "padding_free", False))
                 with warnings.catch_warnings():
                     if self.fastdpo_packed:  # TRL's "padding_free is disabled" warning: not true here
