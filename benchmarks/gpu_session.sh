@@ -16,13 +16,15 @@
 # device tool brings back); the logits sweep's plots are drawn afterwards from its JSON:
 # `python -m benchmarks.plots <out>/<gpu>.json`. The machine gets the working tree without .git, so the commit the
 # results were measured at comes from FASTDPO_GIT_COMMIT, set in the command (below).
-# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 140), BENCH_BUDGET_S (100),
+# Budgets (seconds) can be changed through the environment: TEST_BUDGET_S (default 130), BENCH_BUDGET_S (100),
 # COMPILE_BUDGET_S (60), TUNE_BUDGET_S (50), FUSED_BUDGET_S (50). A sweep starts no new size past its budget and
 # writes every row as it is measured; each step is interrupted at its budget plus a margin for the size in flight
-# (tests 0 s, logits 40 s, compile 0 s, tuning and fused 40 s each) and killed 10-15 s later: at most 570 s with the
-# defaults, plus the wheels' install, inside the device tool's 600 s for one command. Each sweep takes extra arguments of its own: SWEEP_ARGS the
+# (tests and compile 0 s, the sweeps 30 s each) and killed 10-15 s later: 145 + 140 + 70 + 90 + 90 = 535 s at most
+# with the defaults, plus the wheels' install and the version check (~25 s), inside the device tool's 600 s for
+# one command. Each sweep takes extra arguments of its own: SWEEP_ARGS the
 # logits sweep's (`--quick` for a dry run on a CPU, `--impl fastdpo quack` to narrow it), FUSED_ARGS the
-# fused-linear sweep's (`--quick`, `--impl fastdpo-fused naive`), TUNE_ARGS the tuning sweep's (`--quick`).
+# fused-linear sweep's (`--quick`, `--impl fastdpo-fused naive`), TUNE_ARGS the tuning sweep's (`--quick`),
+# COMPILE_ARGS the torch.compile step's sizes (default: the headline size).
 #
 #   device run: command="ls .whl-quack-1", carry=[".whl-quack-1"], timeout_s=60       (QuACK's first half; skip
 #   device run: command="FASTDPO_GIT_COMMIT=$(git rev-parse HEAD, run here) bash benchmarks/gpu_session.sh",
@@ -60,9 +62,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
   2>&1 | tee -a "$LOG"
 
-step "tests on CUDA (budget ${TEST_BUDGET_S:-140} s; all of pytest's output in tests.log)"
+step "tests on CUDA (budget ${TEST_BUDGET_S:-130} s; all of pytest's output in tests.log)"
 # SIGINT first: pytest then still prints its summary and the failures
-timeout -s INT -k 15 "${TEST_BUDGET_S:-140}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
+timeout -s INT -k 15 "${TEST_BUDGET_S:-130}" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --maxfail=25 \
   "tests/test_vocab_parallel.py::test_nccl_group_of_one_equals_plain_path" \
   tests/test_kernels_logps.py tests/test_kernels_sums.py tests/test_ops_logps.py tests/test_batch_invariance.py \
   tests/test_compile.py \
@@ -71,19 +73,21 @@ timeout -s INT -k 15 "${TEST_BUDGET_S:-140}" python3 -m pytest -q -rfE --tb=shor
 echo "tests exit code: $?; summary: $(tail -1 "$OUT/tests.log")" | tee -a "$LOG"
 
 step "logits sweep without torch.compile (budget ${BENCH_BUDGET_S:-100} s)"
-not_compiled=$(python3 -c "from benchmarks.providers import RUN_ORDER; print(*(n for n in RUN_ORDER if 'compile' not in n))")
-timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-100} + 40 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-100}" \
+# providers.RUN_ORDER less torch.compile (benchmarks/test_run.py checks that the two agree)
+not_compiled="fastdpo fastdpo-inplace quack quack-inplace trl-triton liger eager trl-selective fastdpo-tp1"
+timeout -s INT -k 10 $(( ${BENCH_BUDGET_S:-100} + 30 )) python3 -m benchmarks.run --budget-s "${BENCH_BUDGET_S:-100}" \
   --out "$OUT" --no-plots --impl $not_compiled ${SWEEP_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
 
 step "torch.compile at the headline size (budget ${COMPILE_BUDGET_S:-60} s)"
 timeout -s INT -k 10 "${COMPILE_BUDGET_S:-60}" python3 -m benchmarks.run --out "$OUT" --no-plots \
-  --impl compile compile-max-autotune --N 8192 --V 128256 --dtype bfloat16 2>&1 | grep -v "case/s" | tail -12 >>"$LOG"
+  --impl compile compile-max-autotune ${COMPILE_ARGS:---N 8192 --V 128256 --dtype bfloat16} 2>&1 | grep -v "case/s" | \
+  tail -12 >>"$LOG"
 
 step "tuning sweep (budget ${TUNE_BUDGET_S:-50} s)"
-timeout -s INT -k 10 $(( ${TUNE_BUDGET_S:-50} + 40 )) python3 -m benchmarks.tune --budget-s "${TUNE_BUDGET_S:-50}" \
+timeout -s INT -k 10 $(( ${TUNE_BUDGET_S:-50} + 30 )) python3 -m benchmarks.tune --budget-s "${TUNE_BUDGET_S:-50}" \
   --out "$OUT" ${TUNE_ARGS:-} 2>&1 | tail -70 >>"$LOG"
 
 step "fused-linear sweep (budget ${FUSED_BUDGET_S:-50} s)"
-timeout -s INT -k 10 $(( ${FUSED_BUDGET_S:-50} + 40 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-50}" \
+timeout -s INT -k 10 $(( ${FUSED_BUDGET_S:-50} + 30 )) python3 -m benchmarks.fused_linear --budget-s "${FUSED_BUDGET_S:-50}" \
   --out "$OUT" ${FUSED_ARGS:-} 2>&1 | grep -v "case/s" | tail -60 >>"$LOG"
 step "done"

@@ -165,10 +165,10 @@ def _quack(inplace: bool):
 
 
 def raise_recompile_limits() -> None:
-    torch._dynamo.config.recompile_limit = COMPILE_RECOMPILE_LIMIT
-    torch._dynamo.config.accumulated_recompile_limit = max(
-        torch._dynamo.config.accumulated_recompile_limit, COMPILE_RECOMPILE_LIMIT
-    )
+    config = torch._dynamo.config
+    config.recompile_limit = COMPILE_RECOMPILE_LIMIT
+    if hasattr(config, "accumulated_recompile_limit"):  # torch >= 2.5
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, COMPILE_RECOMPILE_LIMIT)
 
 
 def _compile(mode: str | None):

@@ -181,11 +181,16 @@ def write_results(
     values), write it and the CSV; return all rows."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{slug}.json"
-    merged = {}
+    merged, was_unavailable = {}, {}
     if path.exists() and not fresh:
-        merged = {tuple(r[k] for k in key): r for r in json.loads(path.read_text())["rows"]}
+        earlier = json.loads(path.read_text())
+        merged = {tuple(r[k] for k in key): r for r in earlier["rows"]}
+        was_unavailable = earlier.get("unavailable", {})
     merged |= {tuple(r[k] for k in key): r for r in rows}
     all_rows = list(merged.values())
+    # what an earlier run could not run stays noted, unless this one ran it
+    ran = {r.get("impl") for r in rows}
+    unavailable = {k: v for k, v in was_unavailable.items() if k not in ran} | unavailable
     write_atomically(path, json.dumps({"rows": all_rows, "unavailable": unavailable}, indent=1) + "\n")
     fields = list(dict.fromkeys(k for r in all_rows for k in r))
     table = io.StringIO()

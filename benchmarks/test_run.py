@@ -54,6 +54,15 @@ def test_runs_merge_into_one_file_and_fresh_replaces_it(tmp_path):
     assert {r["impl"] for r in _results(tmp_path)[1]["rows"]} == {"fastdpo"}
 
 
+def test_merged_runs_keep_what_was_unavailable(tmp_path):
+    """A second run into the same file (gpu_session.sh's torch.compile step) keeps the first run's list of what
+    could not run, less what it ran itself."""
+    row = {"impl": "eager", "mode": "fwd", "N": 1, "V": 2, "dtype": "bfloat16"}
+    run.write_results([row], {"quack": "not installed", "liger": "not installed"}, tmp_path, "x", fresh=False)
+    run.write_results([row | {"impl": "liger"}], {}, tmp_path, "x", fresh=False)
+    assert json.loads((tmp_path / "x.json").read_text())["unavailable"] == {"quack": "not installed"}
+
+
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     run.main(["--quick", "--N", "256", "--V", "1000", "8000", "--impl", "eager", "--out", str(tmp_path)])
@@ -169,3 +178,12 @@ def test_host_time_measures_every_entry_point(tmp_path, monkeypatch):
     from fastdpo.ops import logps as logps_op
 
     assert logps_op.impl_for(torch.zeros(1, 1, 1)) is not host_time._Stub  # the launchers are restored
+
+
+def test_gpu_session_runs_every_provider_but_compile_in_the_first_step():
+    """gpu_session.sh names the logits sweep's providers itself (no Python import that could fail first)."""
+    import re
+
+    script = (run.RESULTS_DIR.parent / "gpu_session.sh").read_text()
+    (names,) = re.findall(r'^not_compiled="([^"]+)"', script, re.M)
+    assert names.split() == [n for n in providers.RUN_ORDER if "compile" not in n]

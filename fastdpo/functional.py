@@ -88,6 +88,8 @@ def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_inde
         return logits, ref_logits, None
     else:
         start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device)
+    _validation.check_label_dtype("labels", labels)  # before the values: a narrow dtype would misread them
+    _validation.check_ignore_index(ignore_index)
     _validation.check_label_values(labels, V_total, ignore_index, first_scored=int(shift))
     return logits, ref_logits, (group, start, V_total)
 

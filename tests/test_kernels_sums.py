@@ -54,3 +54,4 @@ def test_sequences_use_the_kernel_where_triton_runs(backend, monkeypatch, device
     out = sequences.pairwise_sums(x)
     assert torch.equal(out, torch_tree(x))
     assert calls == ([(4, 50)] if backend == "triton" else [])
+

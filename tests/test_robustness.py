@@ -84,6 +84,26 @@ def test_double_backward_names_the_limitation(device):
         grad.square().sum().backward()
 
 
+def test_double_backward_refused_with_inplace_backward(backend, device):
+    """With create_graph=True the gradient is not written over the logits (which would carry the forward's graph
+    into a silently wrong second derivative): the double backward raises as without inplace_backward."""
+    x = make_logits(2, 5, 10, torch.float32, device).requires_grad_()
+    labels = make_labels(2, 5, 10, device)
+    logp = fastdpo.token_logps(x * 1.0, labels, inplace_backward=True).log_probs
+    (grad,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="fastdpo does not support double backward"):
+        grad.square().sum().backward()
+
+
+def test_vmap_over_token_logps(backend, device):
+    """torch.func.vmap sees the op (its batching fallback), not the eager fast path: equal to a loop."""
+    x = torch.randn(3, 2, 5, 17, device=device)  # 3 vmapped calls on [2, 5, 17] logits
+    labels = make_labels(2, 5, 17, device)
+    mapped = torch.vmap(lambda z: fastdpo.token_logps(z, labels).log_probs)(x)
+    looped = torch.stack([fastdpo.token_logps(z, labels).log_probs for z in x])
+    torch.testing.assert_close(mapped, looped)
+
+
 def test_reference_token_logps_without_log_probs():
     logits = make_logits(2, 5, 10, torch.float64, "cpu")
     labels = make_labels(2, 5, 10, "cpu")

@@ -143,8 +143,8 @@ def _check_maskable(config, keep: torch.Tensor) -> None:
     sliding = window is not None and ("sliding_attention" in layer_types or not layer_types)
     longest = int(keep.sum(1).max())
     if sliding and longest > window:
-        raise ValueError(f"padding_free=True without flash attention: a sequence of {longest} tokens is longer than the "
-                         f"model's sliding window ({window}), which the packed mask cannot express; use "
+        raise ValueError(f"padding_free=True without flash attention: a sequence of {longest} tokens is longer than "
+                         f"the model's sliding window ({window}), which the packed mask cannot express; use "
                          "attn_implementation='flash_attention_2' (or 3), or padding_free=False")  # fmt: skip
     if getattr(config, "output_router_logits", False):
         raise ValueError("padding_free=True with output_router_logits (a MoE router loss) needs flash attention: the "

@@ -386,7 +386,7 @@ def _logps_bwd_kernel(
         tl.store(grad_row_ptr + offs, dz.to(grad_logits_ptr.dtype.element_ty), mask=mask_v)
 
 
-def _device_guard(t: torch.Tensor):
+def device_guard(t: torch.Tensor):
     """Launch on the tensor's GPU, not the current one (multi-GPU processes)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -472,7 +472,7 @@ def logps_fwd(
         COMPUTE_SUM_SQ="log_sum_sq_probs" in stats, COMPUTE_MEAN="mean_logits" in stats,
         COMPUTE_TOP1="is_top1" in stats, BLOCK_V=cfg.block_v, NUM_STAGES=cfg.num_stages,
     )  # fmt: skip
-    with _device_guard(logits):
+    with device_guard(logits):
         if split:
             _logps_fwd_kernel[(n_rows, n_which, n_chunks)](*args, **flags, PHASE=CHUNK_PARTIALS,
                                                            num_warps=cfg.num_warps)  # fmt: skip
@@ -534,7 +534,7 @@ def logps_bwd(
     entropy = None if entropy is None else entropy.contiguous()
     g_logp = grad_logp if has_logp_grad else lse[0]  # unused pointers get a valid float32 tensor
     g_ent = grad_entropy if has_entropy_grad else lse[0]
-    with _device_guard(logits):
+    with device_guard(logits):
         _logps_bwd_kernel[(N * T, n_chunks)](
             logits, labels, lse, entropy if has_entropy_grad else lse, g_logp, g_ent, grad,
             logits.stride(0), logits.stride(1), labels.stride(0), labels.stride(1),

@@ -181,8 +181,10 @@ def _(logits, labels, lse, grad_logp, entropy, grad_entropy, shift, ignore_index
 
 def plain_eager(*tensors: Optional[Tensor]) -> bool:
     """Whether fastdpo's ops may run as plain Python, skipping torch's dispatcher: real tensors, and nothing tracing
-    them (torch.compile, export, make_fx, fake or functional tensors), which must see the op itself."""
-    return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+    or transforming them (torch.compile, export, make_fx, fake or functional tensors, torch.func's vmap and grad,
+    torch.jit.trace), which must see the op itself."""
+    return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() and not torch.jit.is_tracing()
+            and torch._C._functorch.peek_interpreter_stack() is None
             and all(type(t) is Tensor for t in tensors if t is not None))  # fmt: skip
 
 
@@ -202,7 +204,9 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_):
         grad_entropy = None
     if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
         return (None,) * 10
-    if ctx.inplace and not torch.compiler.is_compiling():
+    # in place only where the gradient is a plain value: not under compile, and not in a backward that builds a graph
+    # (create_graph=True: the overwritten logits would carry the forward's graph into the double backward)
+    if ctx.inplace and not torch.compiler.is_compiling() and not torch.is_grad_enabled():
         grad = impl_for(logits).logps_bwd(logits, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
                                           inplace=True, **ctx.kw)  # fmt: skip
     else:
