@@ -14,12 +14,19 @@ import pytest
 import torch
 
 from benchmarks import shapes, timing
-from benchmarks.providers import NAMES, check_accuracy, get_providers, run
+from benchmarks.providers import NAMES, check_accuracy, get_providers, run, shutdown
 from benchmarks.traffic import MODES, bytes_moved
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = shapes.PYTEST_SIZES_GPU if DEVICE.type == "cuda" else shapes.PYTEST_SIZES_CPU
 PROVIDERS = get_providers(DEVICE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    """fastdpo-tp1's process group lives for the module, then is destroyed (a live NCCL group can hang the exit)."""
+    yield
+    shutdown()
 
 
 @pytest.fixture(scope="module", params=SIZES, ids=[f"N{N}-V{V}" for N, V in SIZES])
