@@ -7,8 +7,9 @@ host from the call's start to its first kernel launch, and from the start of the
 at small sizes that host time, not the memory traffic, is what a row measures. This measures it on the CPU with the
 launchers replaced by stubs that only allocate their outputs, so it counts fastdpo's own work (validation, layout,
 autograd, dispatch) and no kernel: the median of ``REPS`` calls, one thread. On a GPU every launch also costs the
-CUDA driver a few microseconds, which this does not see. Run it without ``TRITON_INTERPRET=1``: with it, the
-per-sequence sums go through Triton's interpreter and the figures are 3-4x higher. Writes
+CUDA driver a few microseconds, which this does not see. Run it without ``TRITON_INTERPRET=1``: with it the
+figures come out 3-4x higher (the interpreted sums kernel runs after each stubbed launch; why it slows the
+measured part was not investigated). Writes
 ``<out>/host-time-<device>.json``.
 """
 
