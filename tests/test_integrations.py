@@ -201,44 +201,53 @@ def test_trl_padding_free_equals_padded(config, monkeypatch):
             assert b[name] == pytest.approx(a[name], rel=1e-4, abs=1e-5), (step, name)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_model_isolates_sequences(attn):
-    """One packed row with a block-diagonal mask gives each sequence exactly its padded-row outputs, under sdpa and
-    eager attention (eager adds the mask to the scores: a boolean mask masked nothing there)."""
-    from fastdpo.integrations.trl import _block_causal_mask
+def _small(**overrides):
+    return dict(vocab_size=len(tiny.make_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, **overrides)  # fmt: skip
 
-    model = tiny.make_model(tiny.make_tokenizer()).eval()
-    model.set_attn_implementation(attn)
+
+def _sliding_models(window):
+    """A model that slides in every layer (Mistral, no layer types) and one mixing full and sliding layers (Gemma 2)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return [MistralForCausalLM(MistralConfig(**_small(sliding_window=window))),
+            Gemma2ForCausalLM(Gemma2Config(**_small(sliding_window=window, head_dim=16)))]  # fmt: skip
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_mask_gives_each_sequence_its_padded_outputs(attn):
+    """One packed row with fastdpo's mask gives each sequence exactly its padded-row outputs, under sdpa and eager
+    attention (eager adds the mask to the scores: a boolean mask masked nothing there), for a plain model and for
+    sliding-window models whose window is shorter than the sequences (windowed in every layer, or per layer type)."""
+    from fastdpo.integrations.trl import _packed_attention_mask
+
     batch = _batch(n_pairs=3)
     keep = batch["attention_mask"].bool()
+    assert int(keep.sum(1).min()) > 6  # the window below cuts into every sequence
     position_ids = (keep.cumsum(1) - 1)[keep].unsqueeze(0)
-    with torch.no_grad():
-        padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
-        packed = model(input_ids=batch["input_ids"][keep].unsqueeze(0), position_ids=position_ids,
-                       attention_mask=_block_causal_mask(keep, model.dtype)).logits[0]  # fmt: skip
-    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for model in [tiny.make_model(tiny.make_tokenizer()), *_sliding_models(window=6)]:
+        if attn == "sdpa" and not model._supports_sdpa:  # Gemma 2: eager only
+            continue
+        model.eval().set_attn_implementation(attn)
+        with torch.no_grad():
+            padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[keep]
+            mask = _packed_attention_mask(model.config, keep, model.dtype)
+            packed = model(input_ids=batch["input_ids"][keep].unsqueeze(0), position_ids=position_ids,
+                           attention_mask=mask).logits[0]  # fmt: skip
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5, msg=type(model).__name__)
 
 
-def test_packed_model_refuses_what_its_mask_cannot_express():
-    """Without flash attention: a sequence longer than the sliding window, and a MoE router loss, raise."""
-    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+def test_packed_model_refuses_a_router_loss_without_flash_attention():
+    """A MoE router loss is computed from the attention mask (a 2-D one, in TRL): packed, it raises."""
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    from fastdpo.integrations.trl import PackedModel, _check_maskable
+    from fastdpo.integrations.trl import PackedModel
 
-    batch = _batch(n_pairs=2)
-    small = dict(vocab_size=len(tiny.make_tokenizer()), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                 num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
-    longest = int(batch["attention_mask"].sum(1).max())
-    cases = [
-        (MistralForCausalLM(MistralConfig(**small, sliding_window=longest - 1)), "sliding window"),
-        (MixtralForCausalLM(MixtralConfig(**small, num_local_experts=2, num_experts_per_tok=1,
-                                          output_router_logits=True)), "router"),  # fmt: skip
-    ]
-    for model, match in cases:
-        with pytest.raises(ValueError, match=match):
-            PackedModel(model)(**batch, fused_lm_head=True)
-    # a window no sequence reaches changes nothing: accepted
-    _check_maskable(MistralConfig(**small, sliding_window=longest), batch["attention_mask"].bool())
+    model = MixtralForCausalLM(MixtralConfig(**_small(num_local_experts=2, num_experts_per_tok=1,
+                                                      output_router_logits=True)))  # fmt: skip
+    with pytest.raises(ValueError, match="router"):
+        PackedModel(model)(**_batch(n_pairs=2), fused_lm_head=True)
 
 
 def test_trainer_reads_padding_free_from_a_positional_config():

@@ -25,8 +25,9 @@ the reference run on that row, and the per-token outputs go back to TRL's padded
 metrics code runs unchanged. Attention stays within each sequence: flash-attention implementations read the
 sequence boundaries from ``position_ids``; any other (sdpa, eager) gets a block-diagonal causal additive mask of
 ``total_tokens^2`` values in the model's dtype (fine for the short batches of DPO on CPU; use flash attention at
-scale). Without flash attention, a step raises rather than run what the mask cannot express: a sequence longer than
-the model's sliding window, or a MoE router loss (``output_router_logits``). Not supported together with
+scale); a model's sliding window goes into that mask (per layer type where full and sliding layers mix). Without
+flash attention a MoE router loss (``output_router_logits``) raises: TRL computes it from the attention mask,
+expecting a 2-D one. Not supported together with
 padding-free (an error at construction): a PEFT adapter-disabled reference, vision data.
 
 ``patch_trl()`` swaps the hook for the duration of a ``with`` block (or until ``.undo()``); ``DPOTrainer``
@@ -113,8 +114,8 @@ class PackedModel:
         inner = _unwrapped(self.model)
         mask = {}
         if "flash" not in str(getattr(inner.config, "_attn_implementation", "")):
-            _check_maskable(inner.config, keep)
-            mask = {"attention_mask": _block_causal_mask(keep, inner.dtype)}
+            _check_router_loss(inner.config)
+            mask = {"attention_mask": _packed_attention_mask(inner.config, keep, inner.dtype)}
         out = self.model(input_ids=input_ids[keep].unsqueeze(0), position_ids=position_ids,
                          labels=packed_labels.unsqueeze(0), fused_lm_head=True, **mask, **kwargs)  # fmt: skip
         # padded (n, t) scores token t + 1 of row n: packed position j = rank of token (n, t) among kept tokens
@@ -134,34 +135,40 @@ def _unwrapped(model):
     return getattr(model, "_orig_mod", model)
 
 
-def _check_maskable(config, keep: torch.Tensor) -> None:
-    """Raise where one block-causal mask cannot stand for what the model's attention would do packed without flash
-    attention: a sliding window shorter than a sequence (the mask keeps the whole causal block), and MoE models'
-    router loss (TRL hands it the attention mask, and it expects a 2-D one)."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or ()
-    sliding = window is not None and ("sliding_attention" in layer_types or not layer_types)
-    longest = int(keep.sum(1).max())
-    if sliding and longest > window:
-        raise ValueError(f"padding_free=True without flash attention: a sequence of {longest} tokens is longer than "
-                         f"the model's sliding window ({window}), which the packed mask cannot express; use "
-                         "attn_implementation='flash_attention_2' (or 3), or padding_free=False")  # fmt: skip
+def _check_router_loss(config) -> None:
+    """MoE models' router loss is computed from the attention mask (TRL hands it the mask, expecting a 2-D one):
+    packed without flash attention it would get the ``[total, total]`` block mask."""
     if getattr(config, "output_router_logits", False):
         raise ValueError("padding_free=True with output_router_logits (a MoE router loss) needs flash attention: the "
                          "router loss is computed from the attention mask, which packed is a [total, total] block "
                          "mask; use attn_implementation='flash_attention_2' (or 3), or padding_free=False")  # fmt: skip
 
 
-def _block_causal_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[1, 1, total, total]`` additive mask in the model's dtype: 0 within each packed sequence's causal block,
-    the dtype's lowest value elsewhere. Additive, not boolean: transformers uses a 4-D mask as given, and eager
-    attention adds it to the scores (a boolean True would add 1 and mask nothing)."""
+def _packed_attention_mask(config, keep: torch.Tensor, dtype: torch.dtype):
+    """The 4-D attention mask of a packed row for attention other than flash: each sequence's causal block, and,
+    where the model has a sliding window that some sequence exceeds, that window within it. A model that mixes
+    full and sliding layers (``config.layer_types``) gets ``{layer type: mask}``, which transformers takes as
+    given; one without layer types slides in every layer, so its one mask is the windowed one."""
     sequence = torch.repeat_interleave(torch.arange(keep.shape[0], device=keep.device), keep.sum(1))
     causal = torch.ones(sequence.numel(), sequence.numel(), dtype=torch.bool, device=keep.device).tril()
     allowed = (sequence[:, None] == sequence[None, :]) & causal
-    return torch.zeros(allowed.shape, dtype=dtype, device=keep.device).masked_fill_(~allowed, torch.finfo(dtype).min)[
-        None, None
-    ]
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    if window is None or ("sliding_attention" not in layer_types and layer_types) or keep.sum(1).max() <= window:
+        return _additive(allowed, dtype)
+    position = torch.arange(sequence.numel(), device=keep.device)
+    windowed = allowed & (position[:, None] - position[None, :] < window)  # query - key < window, as transformers
+    if not layer_types:
+        return _additive(windowed, dtype)
+    return {"full_attention": _additive(allowed, dtype), "sliding_attention": _additive(windowed, dtype)}
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[1, 1, q, k]`` additive mask in the model's dtype: 0 where ``allowed``, the dtype's lowest value elsewhere.
+    Additive, not boolean: transformers uses a 4-D mask as given, and eager attention adds it to the scores (a
+    boolean True would add 1 and mask nothing)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
 def __getattr__(name: str):
