@@ -27,8 +27,8 @@ sequence boundaries from ``position_ids``; any other (sdpa, eager) gets a block-
 ``total_tokens^2`` values in the model's dtype (fine for the short batches of DPO on CPU; use flash attention at
 scale); a model's sliding window goes into that mask (per layer type where full and sliding layers mix). Without
 flash attention a MoE router loss (``output_router_logits``) raises: TRL computes it from the attention mask,
-expecting a 2-D one. Not supported together with
-padding-free (an error at construction): a PEFT adapter-disabled reference, vision data.
+expecting a 2-D one. Not supported together with padding-free (an error at construction): a PEFT adapter-disabled
+reference, vision data.
 
 ``patch_trl()`` swaps the hook for the duration of a ``with`` block (or until ``.undo()``); ``DPOTrainer``
 applies it around its own loss and reference computations only, so other trainers in the process are untouched.
