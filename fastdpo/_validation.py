@@ -22,9 +22,10 @@ LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_logits_labels(
     logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, temperature: float, ignore_index: int,
-    check_values: bool = True,
+    label_vocab: int | None = None,
 ) -> None:
-    """``check_values=False``: skip the label range check (a vocab shard: the caller checks against the global V)."""
+    """``label_vocab``: the vocabulary scored labels must index, default the logits' V (a vocab shard's logits
+    pass the global V)."""
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}"
@@ -51,8 +52,7 @@ def check_logits_labels(
     if not 0 < temperature < float("inf"):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     check_ignore_index(ignore_index)
-    if check_values:
-        check_label_values(labels, V, ignore_index, first_scored=int(shift))
+    check_label_values(labels, V if label_vocab is None else label_vocab, ignore_index, first_scored=int(shift))
 
 
 LABEL_DTYPES = (torch.int64, torch.int32)

@@ -72,9 +72,9 @@ def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_par
                                         name=name)  # fmt: skip
 
 
-def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_index):
-    """(logits, ref_logits, vocab_parallel) with a DTensor or a ``group``'s shard resolved; labels are checked
-    against the global vocab size. ``vocab_parallel`` is None for unsharded logits."""
+def _vocab_shard(logits, ref_logits, group, start):
+    """(logits, ref_logits, vocab_parallel) with a DTensor or a ``group``'s shard resolved. ``vocab_parallel`` is
+    ``(group, first vocab id, global V)``, or None for unsharded logits."""
     if DTensor is not None and isinstance(logits, DTensor):
         if group is not None or start is not None:
             raise ValueError("a DTensor of logits carries its own group and offsets: do not pass "
@@ -88,10 +88,12 @@ def _vocab_shard(logits, labels, ref_logits, group, start, *, shift, ignore_inde
         return logits, ref_logits, None
     else:
         start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device)
-    _validation.check_label_dtype("labels", labels)  # before the values: a narrow dtype would misread them
-    _validation.check_ignore_index(ignore_index)
-    _validation.check_label_values(labels, V_total, ignore_index, first_scored=int(shift))
     return logits, ref_logits, (group, start, V_total)
+
+
+def _global_vocab(vocab_parallel) -> int | None:
+    """The vocabulary the labels index: the global one for a vocab shard, else (None) the logits' own."""
+    return None if vocab_parallel is None else vocab_parallel[2]
 
 
 def token_outputs(out: logps_op.TokenOutputs, outputs: tuple[str, ...]) -> TokenLogps:
@@ -124,10 +126,9 @@ def token_logps(
     Vocab parallel: ``logits`` is this rank's shard ``[N, T, V_s]`` with ``vocab_parallel_group`` and
     ``vocab_start_index`` (default: equal shards in rank order), or a DTensor sharded on the vocab dimension;
     labels are global ids. Every rank gets the full (replicated) outputs; see ``fastdpo.ops.vocab_parallel``."""
-    logits, _, vocab_parallel = _vocab_shard(logits, labels, None, vocab_parallel_group, vocab_start_index,
-                                             shift=shift, ignore_index=ignore_index)  # fmt: skip
+    logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
-                                    check_values=vocab_parallel is None)  # fmt: skip
+                                    label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
     check_outputs(outputs)
     source = logits_source(logits, shift=shift, ignore_index=ignore_index, temperature=temperature,
                            inplace_backward=inplace_backward, vocab_parallel=vocab_parallel)  # fmt: skip
@@ -165,10 +166,9 @@ def sequence_logps(
     this rank's positions, contiguous slices in rank order or ``context_parallel_positions`` ``[T_r]``; packed
     batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
-    logits, _, vocab_parallel = _vocab_shard(logits, labels, None, vocab_parallel_group, vocab_start_index,
-                                             shift=shift, ignore_index=ignore_index)  # fmt: skip
+    logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
-                                    check_values=vocab_parallel is None)  # fmt: skip
+                                    label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group,
                          context_parallel_positions=context_parallel_positions)  # fmt: skip
@@ -223,11 +223,9 @@ def dpo_loss(
     batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
     cfg = LossConfig.of(locals())
-    logits, ref_logits, vocab_parallel = _vocab_shard(
-        logits, labels, ref_logits, vocab_parallel_group, vocab_start_index, shift=shift, ignore_index=ignore_index
-    )
+    logits, ref_logits, vocab_parallel = _vocab_shard(logits, ref_logits, vocab_parallel_group, vocab_start_index)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index,
-                                    check_values=vocab_parallel is None)  # fmt: skip
+                                    label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group,
