@@ -2,17 +2,19 @@
 
 ``pairwise_sums(x [R, L]) -> [R]`` gives the bits of ``fastdpo.sequences.pairwise_sums``'s PyTorch tree: row r is
 zero-padded to W = 2^ceil(log2 L) and halved W -> W/2 -> ... -> 1 by adding neighbours (x[2i] + x[2i+1]) in
-float64, then cast to ``x.dtype``. Why a kernel: the PyTorch tree is log2(W) + 3 launches (11 for a 1024-token
-row), each a few microseconds of host time, which at small sizes costs more than the log-prob kernel itself.
+float64, then cast to ``x.dtype``. Why a kernel: the PyTorch tree is log2(W) + 3 launches (13 for a 1024-token
+row: cast, pad, 10 levels, cast), each a few microseconds of host time, which at small sizes costs more than the
+log-prob kernel itself.
 
 A program holds ``CHUNK`` = min(W, MAX_CHUNK) values and halves them ``log2(CHUNK)`` times (``tl.reshape`` to
 ``[CHUNK / 2, 2]``, then a sum over the pair: one add, so the order is the tree's; ``tl.split`` into even and
 odd values and an add would say the same, but compiles to 250 registers and spills at 1024 values). One exception
 to "the same bits": under Triton's interpreter a sum over a pair starts from +0, so a sum of only -0 values is +0
-there (the PyTorch tree gives -0); the values are equal. Rows longer than MAX_CHUNK
-write float64 chunk sums, and a second launch runs the same tree over them: a balanced tree over W values is the
-tree over its aligned MAX_CHUNK-wide subtrees, so the bits do not change. A row's bits depend on its values
-alone, never on R: batch invariant, as the per-sequence sums must be.
+there (the PyTorch tree gives -0); the values are equal.
+
+Rows longer than MAX_CHUNK write float64 chunk sums, and a second launch runs the same tree over them: a balanced
+tree over W values is the tree over its aligned MAX_CHUNK-wide subtrees, so the bits do not change. A row's bits
+depend on its values alone, never on R: batch invariant, as the per-sequence sums must be.
 """
 
 from __future__ import annotations
