@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import fastdpo
 from benchmarks import run, timing
 from benchmarks.providers import _needs, raise_recompile_limits
-from benchmarks.run import RESULTS_DIR, device_slug, format_table, git_commit, progress, within_budget, write_results
+from benchmarks.run import RESULTS_DIR, device_slug, format_table, progress, within_budget, write_results
 
 BETA = 0.1
 # Issue sweep: hidden sizes of 1B-8B models, Llama 3 and Qwen 2 vocabularies, 4k-32k tokens per step.
@@ -220,12 +218,8 @@ def main(argv=None) -> int:
     unavailable = {n: why for n, (_, why) in chosen.items() if why}
     for n, why in unavailable.items():
         print(f"skipping {n}: {why}")
-    name = timing.device_name(device)
-    slug = "fused-linear-" + device_slug(name, device)
-    commit, dirty = git_commit()
-    command = shlex.join(["python", "-m", "benchmarks.fused_linear", *argv])
-    common = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
-              "git_dirty": dirty, "command": command}  # fmt: skip
+    common = run.run_metadata(device, "benchmarks.fused_linear", argv)
+    slug = "fused-linear-" + device_slug(common["device"], device)
     runnable = {n: fn for n, (fn, why) in chosen.items() if not why}
     rows, all_rows, bar = [], [], progress(len(sizes) * len(runnable) * len(args.mode))
     for D, V, N in within_budget(sizes, args.budget_s):

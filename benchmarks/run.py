@@ -204,14 +204,20 @@ def write_results(
 def write_record(out: Path, prefix: str, device: torch.device, module: str, argv: list[str], fields: dict) -> Path:
     """``<out>/<prefix>-<device>.json``: ``fields`` with the device, versions, commit and command of the run (the
     one-record results of ``benchmarks.precision`` and ``benchmarks.host_time``)."""
-    name = timing.device_name(device)
-    commit, dirty = git_commit()
-    record = {"device": name, "torch": torch.__version__, "git_commit": commit, "git_dirty": dirty,
-              "command": shlex.join(["python", "-m", module, *argv])} | fields  # fmt: skip
+    record = run_metadata(device, module, argv) | fields
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{prefix}-{device_slug(name, device)}.json"
+    path = out / f"{prefix}-{device_slug(record['device'], device)}.json"
     write_atomically(path, json.dumps(record, indent=1) + "\n")
     return path
+
+
+def run_metadata(device: torch.device, module: str, argv: list[str]) -> dict:
+    """What every results row or record carries about its run: the device's name, the torch and Triton versions,
+    the commit (``git_commit``) and the command (``python -m <module> <argv>``)."""
+    commit, dirty = git_commit()
+    return {"device": timing.device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+            "git_commit": commit, "git_dirty": dirty,
+            "command": shlex.join(["python", "-m", module, *argv])}  # fmt: skip
 
 
 def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
@@ -251,13 +257,8 @@ def main(argv=None) -> int:
         print("no implementation can run here: nothing measured")
         return 0
 
-    name = timing.device_name(device)
-    slug = device_slug(name, device)
-    commit, dirty = git_commit()
-    common = {
-        "device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
-        "git_dirty": dirty, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
-    }  # fmt: skip
+    common = run_metadata(device, "benchmarks.run", argv)
+    slug = device_slug(common["device"], device)
     try:
         rows, all_rows = sweep(args, sizes, runnable, unavailable, device, slug, common)
     finally:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,6 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels on CPU tensors: the interpreter, chosen before they are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
 
 from benchmarks import run, shapes, timing  # noqa: E402
 from fastdpo._testing import relative_error  # noqa: E402
@@ -120,10 +117,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.N, args.V = [16], [1000]
     torch.manual_seed(0)
-    name = timing.device_name(device)
-    commit, dirty = run.git_commit()
-    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "git_commit": commit,
-            "git_dirty": dirty, "command": "python -m benchmarks.tune " + shlex.join(argv)}  # fmt: skip
+    meta = run.run_metadata(device, "benchmarks.tune", argv)
     # V outer: with the defaults, the headline size first, then the split case at the same V (N 256)
     sizes = [shapes.Size(N, V, dt) for V in args.V for N in args.N for dt in args.dtype]
     rows, start = [], time.monotonic()
@@ -131,7 +125,8 @@ def main(argv=None) -> int:
         print(f"N {size.N} V {size.V} {size.dtype} ({time.monotonic() - start:.0f} s)", flush=True)
         for row in tune_size(size, args.kernel, args.variant, device, args.quick):
             rows.append(row | meta)  # written after every variant: an interrupted sweep keeps what it measured
-            run.write_results(rows, {}, args.out, "tune-" + run.device_slug(name, device), fresh=False, key=ROW_KEY)
+            run.write_results(rows, {}, args.out, "tune-" + run.device_slug(meta["device"], device), fresh=False,
+                              key=ROW_KEY)  # fmt: skip
     print(run.format_table(rows, TABLE_COLUMNS))
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
