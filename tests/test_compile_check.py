@@ -55,6 +55,7 @@ def test_narrow_flags_aligned_launches_without_16_byte_row_access(r, expected):
         (90, 54, 8, 8224, 4),  # the forward with every statistic
         (90, 40, 8, 32768, 6),  # the fp32 backward: registers and shared memory (233472 // 33792 = 6) agree
         (80, 28, 8, 32768, 4),  # 164 KB of shared memory on A100: 167936 // 33792 = 4
+        (100, 40, 8, 32768, 6),  # B200: H100's limits (228 KB of shared memory, 64K registers, 64 warps)
         (90, 16, 1, 0, 32),  # one-warp programs: at most 32 resident
     ],
 )

@@ -1,20 +1,20 @@
 """Compile every log-prob Triton kernel for real GPU targets, with no GPU present, and report resource usage.
 
-    python -m fastdpo.kernels.compile_check [--json PATH]
+    python -m fastdpo.kernels.compile_check [--json PATH] [--cc 80 90 100]
 
 Why: CPU tests run the kernels under ``TRITON_INTERPRET=1``, which never reaches the GPU compiler, so a kernel that
 fails to lower or starts spilling registers would only show up on a GPU. This compiles each (kernel, dtype, sm_80 /
-sm_90, BLOCK_V and num_warps from ``logps_config``) with Triton's own pipeline and bundled ptxas, then reads the very
-cubin Triton built with its bundled ``cuobjdump --dump-resource-usage``. That is preferred to re-running ``ptxas -v``
-on the PTX, which would have to copy Triton's ptxas choice and flags (ptxas vs ptxas-blackwell, --regAllocOptLevel),
-and those change between releases. Spilled registers live in the stack frame: forcing a spill (.maxnreg 24) gave
-``STACK:88 LOCAL:0`` where ``ptxas -v`` said 84/96 bytes spill stores/loads, so spill = STACK + LOCAL (these
-kernels have no local arrays or calls). From the registers and shared memory it derives how many programs fit on
-one SM (``programs_per_sm``, the CUDA occupancy calculator's arithmetic), what a streaming kernel's bandwidth
-hangs on: the registers a thread are allocated in steps of 8, so 32 registers leave 8 programs of 8 warps on an
-SM and 33 only 6. It also reads the PTX for the width of the row's memory traffic: a launch
-with 16-byte aligned rows must copy logits with 16-byte ``cp.async`` (the software-pipelined loads) and the backward
-must store the gradient with 16-byte ``st.global.v4``; narrower accesses would cap bandwidth well below the floor
+sm_90 / sm_100, BLOCK_V and num_warps from ``logps_config``) with Triton's own pipeline and bundled ptxas, then
+reads the very cubin Triton built with its bundled ``cuobjdump --dump-resource-usage``. That is preferred to
+re-running ``ptxas -v`` on the PTX, which would have to copy Triton's ptxas choice and flags (ptxas vs
+ptxas-blackwell, --regAllocOptLevel), and those change between releases. Spilled registers live in the stack frame:
+forcing a spill (.maxnreg 24) gave ``STACK:88 LOCAL:0`` where ``ptxas -v`` said 84/96 bytes spill stores/loads, so
+spill = STACK + LOCAL (these kernels have no local arrays or calls). From the registers and shared memory it derives
+how many programs fit on one SM (``programs_per_sm``, the CUDA occupancy calculator's arithmetic), what a streaming
+kernel's bandwidth hangs on: the registers a thread are allocated in steps of 8, so 32 registers leave 8 programs of
+8 warps on an SM and 33 only 6. It also reads the PTX for the width of the row's memory traffic: a launch with
+16-byte aligned rows must copy logits with 16-byte ``cp.async`` (the software-pipelined loads) and the backward must
+store the gradient with 16-byte ``st.global.v4``; narrower accesses would cap bandwidth well below the floor
 whatever the tuning. Exit status: 0 ok, 1 a compile failure, 2 a spill, 3 narrow row accesses (regressions here).
 """
 
@@ -39,7 +39,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastdpo.kernels.heuristics import logps_config  # noqa: E402
 
-CAPABILITIES = (80, 90)  # A100, H100 (Triton emits sm_90a for 90)
+CAPABILITIES = (80, 90, 100)  # A100, H100/H200, B200 (Triton emits sm_90a and sm_100a)
 VOCABS = (1000, 32000, 128256, 256000)
 DTYPES = ("bf16", "fp16", "fp32", "fp32>bf16")  # logits (> grad_logits if other); labels int64, logp/lse fp32
 # Argument conventions: the one place kernel arguments get types. An argument that matches none raises, so a new one
@@ -117,11 +117,11 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return fields
 
 
-# Per SM, for the occupancy arithmetic: 64K registers, at most 64 resident warps and 32 resident programs (sm_80
-# and sm_90 alike), and this much shared memory (164 KB on A100, 228 KB on H100/H200); each program also takes 1 KB
-# of shared memory reserved by the driver.
+# Per SM, for the occupancy arithmetic: 64K registers, at most 64 resident warps and 32 resident programs (sm_80,
+# sm_90 and sm_100 alike), and this much shared memory (164 KB on A100, 228 KB on H100/H200 and B200); each program
+# also takes 1 KB of shared memory reserved by the driver.
 SM_REGISTERS, SM_WARPS, SM_PROGRAMS, RESERVED_SHARED = 65536, 64, 32, 1024
-SM_SHARED = {80: 167936, 90: 233472}
+SM_SHARED = {80: 167936, 90: 233472, 100: 233472}
 
 
 def programs_per_sm(cc: int, registers: int, num_warps: int, shared_bytes: int) -> int:
@@ -157,7 +157,7 @@ def describe(row: dict) -> str:
             f"num_warps={row['num_warps']}")  # fmt: skip
 
 
-def check(kernels) -> list[dict]:
+def check(kernels, capabilities=CAPABILITIES) -> list[dict]:
     rows = []
     for kernel, variant in itertools.product(kernels, VARIANTS):
         configs: dict = {}  # (LogpsConfig, aligned) -> the vocab sizes that launch it
@@ -165,7 +165,7 @@ def check(kernels) -> list[dict]:
             cfg = logps_config(V, backward="bwd" in kernel.__name__)
             configs.setdefault((cfg, V % 16 == 0), []).append(V)
         phases = PHASES if "PHASE" in kernel.arg_names else {None: ""}
-        for dtype, cc, phase in itertools.product(DTYPES, CAPABILITIES, phases):
+        for dtype, cc, phase in itertools.product(DTYPES, capabilities, phases):
             if ">" in dtype and "grad_logits_ptr" not in kernel.arg_names:
                 continue
             for (cfg, aligned), vocabs in configs.items():
@@ -184,11 +184,11 @@ SUM_CHUNKS = (1, 64, 1024, 4096)
 SUM_DTYPES = ("fp32", "fp64", "fp32>fp64", "fp64>fp32")
 
 
-def check_sums(kernel) -> list[dict]:
+def check_sums(kernel, capabilities=CAPABILITIES) -> list[dict]:
     from fastdpo.kernels.sums import NUM_WARPS
 
     rows = []
-    for dtype, cc, chunk in itertools.product(SUM_DTYPES, CAPABILITIES, SUM_CHUNKS):
+    for dtype, cc, chunk in itertools.product(SUM_DTYPES, capabilities, SUM_CHUNKS):
         read, _, written = dtype.partition(">")
         sig = {"x_ptr": "*" + read, "out_ptr": "*" + (written or read), "L": "i32", "stride_x_r": "i64",
                "stride_x_l": "i64", "stride_out_r": "i64", "CHUNK": "constexpr", "LOG2_CHUNK": "constexpr"}  # fmt: skip
@@ -223,13 +223,15 @@ def compiled(row: dict, source, cc: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--cc", nargs="+", type=int, choices=CAPABILITIES, default=CAPABILITIES,
+                        help="compute capabilities to compile for (default: all)")
     args = parser.parse_args(argv)
     from fastdpo.kernels import logps, sums
 
     kernels = (logps._logps_fwd_kernel, logps._logps_bwd_kernel)
     if not all(isinstance(k, triton.runtime.JITFunction) for k in (*kernels, sums._pairwise_sums_kernel)):
         sys.exit("compile_check: the kernels were built for the interpreter (TRITON_INTERPRET=1); run without it")
-    rows = check(kernels) + check_sums(sums._pairwise_sums_kernel)
+    rows = check(kernels, args.cc) + check_sums(sums._pairwise_sums_kernel, args.cc)
     head = ("kernel", "flags", "dtype", "target", "BLOCK_V", "num_warps", "aligned16", "V", "registers", "shared_bytes",
             "static_shared_bytes", "spill_bytes", "programs_per_sm", "copy_bytes", "store_bytes")  # fmt: skip
     cell = lambda v: ",".join(map(str, v)) or "-" if isinstance(v, list) else "-" if v is None else str(v)  # noqa: E731
