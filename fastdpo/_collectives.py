@@ -1,10 +1,29 @@
-"""Small collectives shared by the vocab-parallel and context-parallel paths: where host-built tensors live for a
-group's backend, and an all-gather of a few integers per rank (layout checks)."""
+"""Small collectives shared by the vocab-parallel and context-parallel paths: the process group of a ``*_group``
+argument, where host-built tensors live for a group's backend, and an all-gather of a few integers per rank (layout
+checks)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def process_group(group, name: str):
+    """The process group of a ``*_group`` argument: a 1-D ``DeviceMesh`` stands for its group (as the fused-linear
+    path's DTensor head already allowed); a mesh of more dimensions is refused, naming the argument, since which
+    of its dimensions is meant cannot be guessed. Anything else is returned as is."""
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # torch built without distributed
+        return group
+    if not isinstance(group, DeviceMesh):
+        return group
+    if group.ndim != 1:
+        raise ValueError(
+            f"{name} must be a process group or a 1-D DeviceMesh, got a {group.ndim}-D mesh "
+            f"{tuple(group.shape)}; pass the sub-mesh of the sharded dimension (e.g. mesh['tp'])"
+        )
+    return group.get_group()
 
 
 def collective_device(group, like: torch.device | None = None) -> torch.device:

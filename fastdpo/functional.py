@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from fastdpo import _pipeline, _validation, context_parallel
+from fastdpo._collectives import process_group
 from fastdpo._logps_outputs import OUTPUTS, STATS, TokenLogps, check_outputs
 from fastdpo.losses import DPOOutput, LossConfig
 from fastdpo.ops import logps as logps_op
@@ -67,27 +68,41 @@ def make_layout(tensor, labels, *, shift, cu_seq_lens, position_ids, context_par
         raise ValueError("context_parallel_group needs shift=False: each rank's labels must already be aligned with "
                          "its positions (the boundary token's label comes from the next rank's slice; see "
                          "fastdpo.shift_labels)")  # fmt: skip
-    return context_parallel.make_layout(tensor, labels, group=context_parallel_group, cu_seq_lens=cu_seq_lens,
+    group = process_group(context_parallel_group, "context_parallel_group")
+    return context_parallel.make_layout(tensor, labels, group=group, cu_seq_lens=cu_seq_lens,
                                         position_ids=position_ids, positions=context_parallel_positions,
                                         name=name)  # fmt: skip
 
 
-def _vocab_shard(logits, ref_logits, group, start):
-    """(logits, ref_logits, vocab_parallel) with a DTensor or a ``group``'s shard resolved. ``vocab_parallel`` is
-    ``(group, first vocab id, global V)``, or None for unsharded logits."""
+def _vocab_shard(logits, ref_logits, group, start, labels):
+    """(logits, ref_logits, vocab_parallel) with a DTensor or a ``group``'s shard resolved (the layout, the rows and
+    the labels checked alike on every rank). ``vocab_parallel`` is ``(group, first vocab id, global V)``, or None for
+    unsharded logits."""
     if DTensor is not None and isinstance(logits, DTensor):
         if group is not None or start is not None:
             raise ValueError("a DTensor of logits carries its own group and offsets: do not pass "
                              "vocab_parallel_group / vocab_start_index with it")  # fmt: skip
+        dlogits = logits
         logits, group, start, V_total = vocab_parallel_op.from_dtensor(logits)
         if ref_logits is not None and isinstance(ref_logits, DTensor):
-            ref_logits = vocab_parallel_op.from_dtensor(ref_logits)[0]
+            dref = ref_logits
+            ref_logits = vocab_parallel_op.from_dtensor(ref_logits, "ref_logits")[0]
+            # what every rank knows alike (so that all raise or none): the mesh's ranks and the global shape
+            if not torch.compiler.is_compiling() and (
+                dref.device_mesh.mesh.tolist() != dlogits.device_mesh.mesh.tolist() or dref.shape != dlogits.shape
+            ):
+                raise ValueError(f"ref_logits must be sharded as the logits: the same global shape "
+                                 f"{tuple(dlogits.shape)} over a mesh of the same ranks "
+                                 f"{dlogits.device_mesh.mesh.tolist()}, got {tuple(dref.shape)} over "
+                                 f"{dref.device_mesh.mesh.tolist()}")  # fmt: skip
     elif group is None:
         if start is not None:
             raise ValueError("vocab_start_index needs vocab_parallel_group")
         return logits, ref_logits, None
     else:
-        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device)
+        group = process_group(group, "vocab_parallel_group")
+        rows = logits.shape[:-1] if isinstance(logits, torch.Tensor) else ()
+        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device, rows, labels)
     return logits, ref_logits, (group, start, V_total)
 
 
@@ -126,7 +141,7 @@ def token_logps(
     Vocab parallel: ``logits`` is this rank's shard ``[N, T, V_s]`` with ``vocab_parallel_group`` and
     ``vocab_start_index`` (default: equal shards in rank order), or a DTensor sharded on the vocab dimension;
     labels are global ids. Every rank gets the full (replicated) outputs; see ``fastdpo.ops.vocab_parallel``."""
-    logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index)
+    logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index, labels)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
                                     label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
     check_outputs(outputs)
@@ -166,7 +181,7 @@ def sequence_logps(
     this rank's positions, contiguous slices in rank order or ``context_parallel_positions`` ``[T_r]``; packed
     batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
-    logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index)
+    logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index, labels)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
                                     label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
@@ -223,7 +238,9 @@ def dpo_loss(
     batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
     cfg = LossConfig.of(locals())
-    logits, ref_logits, vocab_parallel = _vocab_shard(logits, ref_logits, vocab_parallel_group, vocab_start_index)
+    logits, ref_logits, vocab_parallel = _vocab_shard(
+        logits, ref_logits, vocab_parallel_group, vocab_start_index, labels
+    )
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index,
                                     label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)

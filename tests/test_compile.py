@@ -98,7 +98,8 @@ def _distributed_worker(rank, world):
     import torch.distributed as dist
 
     os.environ["FASTDPO_BACKEND"] = "torch"  # torch.compile cannot trace the Triton interpreter
-    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)  # make_labels draws from the global generator, seeded differently in each spawned process:
+    gen = torch.Generator().manual_seed(11)  # the labels (global ids, replicated over the group) must agree
     B, T, V, D = 2, 8, 50, 16
     logits, labels = torch.randn(2 * B, T, V, generator=gen) * 3, make_labels(2 * B, T, V, "cpu")
     hidden, weight = torch.randn(2 * B, T, D, generator=gen), torch.randn(V, D, generator=gen) / 4

@@ -267,3 +267,128 @@ def test_nccl_group_of_one_equals_plain_path():
             torch.testing.assert_close(grad.float(), plain_grad.float(), rtol=0, atol=ulp)
     finally:
         dist.destroy_process_group()
+
+
+def _edge_values_worker(rank, world, backend):
+    """3 uneven shards: a non-negative ignore_index (the pad id as label pad) on both paths, a shard whose logits
+    are all -inf at scored tokens (masked vocab padding), and a double backward."""
+    os.environ["FASTDPO_BACKEND"] = backend
+    bounds = [0, 13, 30, 48]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    kw = dict(vocab_parallel_group=dist.group.WORLD, vocab_start_index=lo)
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(4, 6, 48, generator=gen) * 3
+    labels = torch.randint(0, 48, (4, 6), generator=gen)
+    # ignore_index 3: ids 13 + 3 and 30 + 3 are local id 3 on ranks 1 and 2, and must still be scored there
+    ignore = 3
+    labels[:, :2] = ignore
+    labels[0, 2:5] = torch.tensor([16, 33, 47])
+    x = logits[..., lo:hi].clone().requires_grad_()
+    tok = fastdpo.token_logps(x, labels, ignore_index=ignore, outputs=OUTPUTS, **kw)
+    full = logits.double().requires_grad_()
+    want = reference.token_logps(full, labels, ignore_index=ignore, outputs=OUTPUTS)
+    for name in OUTPUTS:
+        got, exp = getattr(tok, name), getattr(want, name)
+        if name == "is_top1":
+            assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
+        else:
+            _close(got, exp.detach(), f"ignore_index={ignore} {name}")
+    (tok.log_probs.sum() + tok.entropy.sum()).backward()
+    (want.log_probs.sum() + want.entropy.sum()).backward()
+    _close(x.grad, full.grad[..., lo:hi], f"ignore_index={ignore} grad")
+    hidden, weight = torch.randn(24, 8, generator=gen), torch.randn(48, 8, generator=gen)
+    targets = labels.reshape(-1)
+    got = fastdpo.fused_linear_token_logps(hidden, weight[lo:hi], targets, ignore_index=ignore, **kw).log_probs
+    exp = reference.fused_linear_token_logps(hidden.double(), weight.double(), targets, ignore_index=ignore).log_probs
+    _close(got, exp, f"fused ignore_index={ignore}")
+
+    # the last shard is -inf at every scored token: it adds nothing (log sum p^2 was nan, and so was WPO's loss)
+    logits[..., 30:] = -torch.inf
+    labels = torch.randint(0, 30, (4, 6), generator=gen)
+    labels[:, :2] = -100
+    tok = fastdpo.token_logps(logits[..., lo:hi], labels, outputs=OUTPUTS, **kw)
+    want = reference.token_logps(logits.double(), labels, outputs=OUTPUTS)
+    for name in ("log_probs", "entropy", "log_sum_sq_probs"):
+        _close(getattr(tok, name), getattr(want, name), f"-inf shard {name}")
+    ref = torch.full((2,), -20.0)
+    out = fastdpo.dpo_loss(logits[..., lo:hi], labels, ref, ref, use_weighting=True, **kw)
+    truth = reference.dpo_loss(logits.double(), labels, ref.double(), ref.double(), use_weighting=True)
+    _close(out.loss, truth.loss, "-inf shard WPO loss")
+
+    # a gradient penalty (create_graph=True) is refused as on one device, not silently differentiated as a constant
+    x = logits[..., lo:hi].nan_to_num(neginf=-50.0).requires_grad_()
+    lp = fastdpo.sequence_logps(x, labels, **kw).sum()
+    (g,) = torch.autograd.grad(lp, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        (lp + g.square().sum()).backward()
+
+
+def test_vocab_parallel_nonnegative_ignore_index_and_masked_shard(cpu_backend, tmp_path):
+    spawn_group(3, tmp_path, _edge_values_worker, cpu_backend)
+
+
+def _argument_errors_worker(rank, world):
+    """Each misuse raises the same clear error on every rank (before: a gloo abort, a hang, or a silently wrong
+    loss); a 1-D DeviceMesh is accepted wherever a group is."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    os.environ["FASTDPO_BACKEND"] = "torch"
+    gen = torch.Generator().manual_seed(8)
+    logits, labels = torch.randn(4, 5, 30, generator=gen), torch.randint(0, 30, (4, 5), generator=gen)
+    lo, hi = 10 * rank, 10 * (rank + 1)
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match=r"same rows and positions.*\[\(4, 5\), \(4, 5\), \(3, 5\)\]"):
+        n = 3 if rank == 2 else 4  # rank 2 has one row fewer: the merge's all-reduces would not match
+        fastdpo.sequence_logps(logits[:n, :, lo:hi], labels[:n], vocab_parallel_group=group)
+    with pytest.raises(ValueError, match=r"same rows and positions.*\(4, 4\)"):
+        t = 4 if rank == 0 else 5
+        fastdpo.fused_linear_sequence_logps(torch.randn(4, t, 6), torch.randn(10, 6), labels[:, :t],
+                                            vocab_parallel_group=group)  # fmt: skip
+    with pytest.raises(ValueError, match="must pass the same labels"):
+        wrong = labels.clone()
+        wrong[1, 3] = (wrong[1, 3] + rank) % 30  # a data loader seeded by global rank: one label differs per rank
+        fastdpo.dpo_loss(logits[..., lo:hi], wrong, reference_free=True, vocab_parallel_group=group)
+    with pytest.raises(ValueError, match="must pass the same labels"):
+        wrong = labels.reshape(-1).clone()
+        wrong[7] = 29 - rank
+        fastdpo.fused_linear_token_logps(torch.randn(20, 6), torch.randn(10, 6), wrong, vocab_parallel_group=group)
+    with pytest.raises(ValueError, match=r"non-empty vocab shard.*\[10, 20, 0\]"):
+        start, end = [(0, 10), (10, 30), (30, 30)][rank]
+        fastdpo.sequence_logps(logits[..., start:end], labels, vocab_parallel_group=group, vocab_start_index=start)
+    with pytest.raises(TypeError, match="vocab_start_index must be an int"):
+        fastdpo.sequence_logps(logits[..., lo:hi], labels, vocab_parallel_group=group, vocab_start_index=float(lo))
+
+    want = reference.sequence_logps(logits.double(), labels)
+    mesh = init_device_mesh("cpu", (world,))
+    _close(fastdpo.sequence_logps(logits[..., lo:hi], labels, vocab_parallel_group=mesh), want, "1-D mesh")
+    aligned = fastdpo.shift_labels(labels)
+    t0, t1 = [0, 2, 3, 5][rank], [0, 2, 3, 5][rank + 1]
+    _close(fastdpo.sequence_logps(logits[:, t0:t1], aligned[:, t0:t1], shift=False, context_parallel_group=mesh),
+           want, "1-D mesh, context parallel")  # fmt: skip
+    mesh2 = init_device_mesh("cpu", (1, world))
+    with pytest.raises(ValueError, match="vocab_parallel_group must be a process group or a 1-D DeviceMesh"):
+        fastdpo.sequence_logps(logits[..., lo:hi], labels, vocab_parallel_group=mesh2)
+    with pytest.raises(ValueError, match="vocab_parallel_group must be a process group or a 1-D DeviceMesh"):
+        fastdpo.fused_linear_sequence_logps(torch.randn(4, 5, 6), torch.randn(10, 6), labels,
+                                            vocab_parallel_group=mesh2)  # fmt: skip
+    with pytest.raises(ValueError, match="context_parallel_group must be a process group or a 1-D DeviceMesh"):
+        fastdpo.sequence_logps(logits[:, t0:t1], aligned[:, t0:t1], shift=False, context_parallel_group=mesh2)
+
+    # reference logits sharded over the same ranks in another order: rank r holds another slice of the vocabulary
+    reversed_mesh = DeviceMesh("cpu", list(range(world))[::-1])
+    c = reversed_mesh.get_coordinate()[0]
+    d = DTensor.from_local(logits[..., lo:hi], mesh, [Shard(2)], run_check=False, shape=logits.shape,
+                           stride=logits.stride())  # fmt: skip
+    r = DTensor.from_local(logits[..., 10 * c : 10 * (c + 1)], reversed_mesh, [Shard(2)], run_check=False,
+                           shape=logits.shape, stride=logits.stride())  # fmt: skip
+    with pytest.raises(ValueError, match="ref_logits must be sharded as the logits"):
+        fastdpo.dpo_loss(d, labels, ref_logits=r)
+    same = DTensor.from_local(logits[..., lo:hi], init_device_mesh("cpu", (world,)), [Shard(2)], run_check=False,
+                              shape=logits.shape, stride=logits.stride())  # fmt: skip
+    out = fastdpo.dpo_loss(d, labels, ref_logits=same)  # an equal mesh built twice is the same layout
+    _close(out.loss, reference.dpo_loss(logits.double(), labels, ref_logits=logits.double()).loss, "DTensor ref")
+
+
+def test_vocab_parallel_argument_errors_on_every_rank(tmp_path):
+    spawn_group(3, tmp_path, _argument_errors_worker)

@@ -31,21 +31,34 @@ hands every rank the full gradient of its (replicated) hidden states, the conven
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.distributed as dist
 
 from fastdpo._collectives import collective_device, gather_ints
 from fastdpo._logps_outputs import STATS
 from fastdpo.ops.fused_linear import compute_dtype
-from fastdpo.ops.logps import LogpsOptions, TokenOutputs, impl_for, kernel_kw, stats_mask
+from fastdpo.ops.logps import (
+    LogpsOptions,
+    TokenOutputs,
+    _token_logps_backward_op,
+    impl_for,
+    kernel_kw,
+    stats_mask,
+)
+
+# The shard's kernels see local labels with their own ignore value: a non-negative ignore_index (a pad token id used
+# as the label pad) could equal an owned local id ``label - start`` and unscore it on the shard.
+LOCAL_IGNORE = -1  # the kernels' ignore_index for local labels
+NOT_OWNED = -2  # a scored label another rank owns: outside [0, V_local), so the shard reads no logit for it
 
 
 def local_labels(labels: torch.Tensor, start: int, V_local: int, ignore_index: int) -> torch.Tensor:
-    """Global label ids -> this shard's: ``label - start`` where owned, a sentinel outside ``[0, V_local)`` (and
-    different from ``ignore_index``) where another rank owns it, ``ignore_index`` kept."""
-    not_owned = -1 if ignore_index != -1 else -2
+    """Global label ids -> this shard's: ``label - start`` where owned, ``NOT_OWNED`` where another rank owns it,
+    ``LOCAL_IGNORE`` where the label is ``ignore_index`` (the kernels run with ``ignore_index=LOCAL_IGNORE``)."""
     owned = (labels >= start) & (labels < start + V_local)
-    return torch.where(labels == ignore_index, ignore_index, torch.where(owned, labels - start, not_owned))
+    return torch.where(labels == ignore_index, LOCAL_IGNORE, torch.where(owned, labels - start, NOT_OWNED))
 
 
 def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
@@ -77,7 +90,8 @@ def merge_shards(logp_s, lse_s, stats_s, row_labels, stat_names, ignore_index, g
         h_s = l_s * (log_l_s - stat["entropy"])
         parts["entropy"] = torch.where(r > 0, r * (h_s + (m_s - m) * l_s), 0.0)
     if "log_sum_sq_probs" in stat:
-        parts["sum_sq"] = r * r * torch.exp(stat["log_sum_sq_probs"] + 2 * log_l_s)
+        # a shard with no finite logit (r = 0) has log sum p_s^2 = nan (-inf + inf): it adds nothing
+        parts["sum_sq"] = torch.where(r > 0, r * r * torch.exp(stat["log_sum_sq_probs"] + 2 * log_l_s), 0.0)
     if "mean_logits" in stat:
         parts["mean_logits"] = stat["mean_logits"] * (V_local / V_total)
     if "is_top1" in stat:
@@ -123,7 +137,7 @@ class VocabParallelLogps(torch.autograd.Function):
         o = options
         V_local = logits.shape[-1]
         local = local_labels(labels, start, V_local, o.ignore_index)
-        kw = kernel_kw(o.shift, o.ignore_index, o.temperature, o.logit_scale, o.softcap)
+        kw = kernel_kw(o.shift, LOCAL_IGNORE, o.temperature, o.logit_scale, o.softcap)
         out = impl_for(logits).logps_fwd(logits, local, stats=o.stats, **kw)
         logp, entropy, stats, lse = merge_shards(out.logp, out.lse, out.stats, labels[:, int(o.shift) :], o.stats,
                                                  o.ignore_index, group, start, V_local, V_total)  # fmt: skip
@@ -137,6 +151,9 @@ class VocabParallelLogps(torch.autograd.Function):
         logits, local, lse, entropy = ctx.saved_tensors
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True: the backward op, whose formula refuses a double backward
+            grad = _token_logps_backward_op(logits, local, lse, grad_logp, entropy, grad_entropy, **ctx.kw)
+            return (grad,) + (None,) * 5
         grad = impl_for(logits).logps_bwd(logits, local, lse, grad_logp, entropy=entropy,
                                           grad_entropy=grad_entropy, inplace=ctx.inplace, **ctx.kw)  # fmt: skip
         return (grad,) + (None,) * 5
@@ -154,7 +171,7 @@ class VocabParallelFusedLinear(torch.autograd.Function):
         o = options
         V_local = weight.shape[0]
         local = local_labels(targets, start, V_local, o.ignore_index)
-        args = (o.ignore_index, o.temperature, o.logit_scale, o.softcap)
+        args = (LOCAL_IGNORE, o.temperature, o.logit_scale, o.softcap)
         mask = stats_mask(o.stats)
         logp_s, lse_s, _, stats_s = torch.ops.fastdpo.fused_linear_logps(
             hidden, weight, bias, local, *args, mask, o.tile_elements, matmul_dtype
@@ -203,12 +220,25 @@ def token_logps(logits, labels, options: LogpsOptions, group, start: int, V_tota
     return TokenOutputs(logp, entropy, stats, ref_logp, None)
 
 
-def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None):
+def labels_digest(labels: torch.Tensor) -> torch.Tensor:
+    """A 0-d int64 digest of ``labels``: sum_i w_i labels_i with weights w_i = i mod 65521 + 1 (no overflow below
+    ~5e8 labels of a 256K vocabulary). Equal labels give equal digests; labels that differ in one position always
+    give different ones (a nonzero difference times w_i >= 1), in several almost always (a check, not a proof)."""
+    flat = labels.reshape(-1).long()
+    weights = torch.arange(flat.numel(), device=flat.device) % 65521 + 1
+    return (flat * weights).sum()
+
+
+def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None, rows=(), labels=None):
     """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
-    with one all-gather of two integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
-    overlap. Default ``start``: equal contiguous shards in rank order. Every call checks (a rank that skipped the
-    collective because its own shard did not change would hang the others); a DTensor carries its layout and needs
-    no check (``from_dtensor``, ``head_from_dtensor``).
+    with one all-gather of five integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
+    overlap, none empty, and every rank must hold the same ``rows`` (the leading dimensions of its logits or hidden
+    states: only the vocabulary is sharded; collectives of different sizes would crash or hang) and the same
+    ``labels`` (compared by ``labels_digest``: ranks scoring different labels would merge into a wrong result on
+    every rank, silently). Default ``start``: equal contiguous shards in rank order. Every call checks (a rank that
+    skipped the collective because its own shard did not change would hang the others); a DTensor carries its layout
+    and needs no check (``from_dtensor``, ``head_from_dtensor``). Every rank sees the same gathered values, so every
+    rank raises alike.
 
     Under ``torch.compile`` the layout is not checked (a graph cannot branch on gathered values; the other value
     checks are skipped there too): V is ``world * V_local`` for the default shards, else a 0-d tensor, the sum of
@@ -223,7 +253,24 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
         V_total = torch.tensor(V_local, dtype=torch.float32, device=collective_device(group, device))
         dist.all_reduce(V_total, group=group)
         return start, V_total
-    spans = sorted((a, a + n) for a, n in gather_ints([start, V_local], group, device))
+    try:
+        start = operator.index(start)
+    except TypeError:
+        raise TypeError(f"vocab_start_index must be an int (this rank's first vocab id), got {start!r}") from None
+    lead = (*(int(n) for n in rows), -1, -1)[:2]  # a fixed count, so that the all-gather matches on every rank
+    digest = labels_digest(labels) if isinstance(labels, torch.Tensor) else -1
+    gathered = gather_ints([start, V_local, *lead, digest], group, device)
+    if any(g[2:4] != gathered[0][2:4] for g in gathered):
+        dims = [tuple(n for n in g[2:4] if n >= 0) for g in gathered]
+        raise ValueError(f"every rank of vocab_parallel_group must hold the same rows and positions (only the vocab is "
+                         f"sharded); got leading dimensions {dims} by rank")  # fmt: skip
+    if any(g[4] != gathered[0][4] for g in gathered):
+        raise ValueError("every rank of vocab_parallel_group must pass the same labels (global ids, replicated over "
+                         "the group); the ranks' labels differ")  # fmt: skip
+    if any(n <= 0 for _, n, *_ in gathered):
+        raise ValueError(f"every rank of vocab_parallel_group needs a non-empty vocab shard; got shard sizes "
+                         f"{[n for _, n, *_ in gathered]} by rank")  # fmt: skip
+    spans = sorted((a, a + n) for a, n, *_ in gathered)
     V_total = sum(b - a for a, b in spans)
     if spans[0][0] != 0 or any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:])):
         raise ValueError(f"vocab shards must tile [0, V) in order without gaps or overlaps; got [start, end) = {spans}"
@@ -231,16 +278,17 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
     return start, V_total
 
 
-def from_dtensor(logits):
+def from_dtensor(logits, name: str = "logits"):
     """(local shard, process group, first vocab id, global vocab size) of a DTensor sharded on its last dimension
-    over a 1-D mesh (``ColwiseParallel(output_layouts=Shard(-1))``); the shard keeps the DTensor's autograd link."""
+    over a 1-D mesh (``ColwiseParallel(output_layouts=Shard(-1))``); the shard keeps the DTensor's autograd link.
+    ``name``: the argument, for the error message."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     placements = logits.placements
     if logits.device_mesh.ndim != 1 or not (isinstance(placements[0], Shard) and
                                              placements[0].dim in (logits.ndim - 1, -1)):  # fmt: skip
-        raise ValueError(f"a DTensor of logits must be sharded on the vocab dimension over a 1-D mesh (Shard(2)), "
+        raise ValueError(f"a DTensor of {name} must be sharded on the vocab dimension over a 1-D mesh (Shard(2)), "
                          f"got placements {placements} on a {logits.device_mesh.ndim}-D mesh")  # fmt: skip
     _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, placements)
     return logits.to_local(), logits.device_mesh.get_group(), int(offset[-1]), logits.shape[-1]
