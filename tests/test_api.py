@@ -70,6 +70,19 @@ def test_reference_free_equals_zero_reference(device):
     assert torch.equal(free.loss, explicit.loss)
 
 
+def test_a_tied_pair_is_not_a_reward_accuracy_hit(backend, device):
+    """Reward accuracy counts chosen_rewards > rejected_rewards strictly (TRL): a pair whose rejected sequence and
+    reference equal its chosen ones ties, and is a miss. Random batches never tie."""
+    logits = make_logits(4, 6, 100, torch.float32, device)
+    labels = make_labels(4, 6, 100, device)
+    logits[2], labels[2] = logits[0], labels[0]  # pair 0: rejected = chosen
+    ref = torch.randn(2, device=device)
+    out = fastdpo.dpo_loss(logits, labels, ref, ref, return_metrics=True)
+    assert out.chosen_rewards[0] == out.rejected_rewards[0]
+    expected = float(out.chosen_rewards[1] > out.rejected_rewards[1]) / 2
+    assert out.reward_accuracy.item() == out.metrics["rewards/accuracies"].item() == expected
+
+
 def test_module_equals_function(backend, device):
     logits = make_logits(4, 6, 300, torch.bfloat16, device)
     labels = make_labels(4, 6, 300, device)

@@ -78,6 +78,14 @@ def test_reference_logits_in_the_same_sweep_equal_precomputed(backend, kw, devic
         truth = reference.dpo_loss(logits.double(), labels, ref_logits=ref_logits.double(), **kw)
     torch.testing.assert_close(fused.loss.double(), truth.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused.chosen_rewards.double(), truth.chosen_rewards, rtol=1e-5, atol=1e-5)
+    # The gradient too: the policy's backward must read the policy's log-sum-exps, not the reference's of the
+    # same launch, so it equals the gradient given the same reference as precomputed sums.
+    ref_c, ref_r = fastdpo.sequence_logps(ref_logits, labels, ld_alpha=kw.get("ld_alpha")).chunk(2)
+    grads = []
+    for refs in (dict(ref_logits=ref_logits), dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)):
+        x = logits.clone().requires_grad_()
+        grads.append(torch.autograd.grad(fastdpo.dpo_loss(x, labels, **refs, **kw).loss, x)[0])
+    assert torch.equal(*grads)
 
 
 def _pack(logits, labels, order):
@@ -165,3 +173,6 @@ def test_ld_alpha_rejects_a_reused_sequence(device):
     assert fastdpo.dpo_loss(logits, labels, ref_c, ref_r, pairs=pairs).loss.isfinite()  # fine without LD-DPO
     with pytest.raises(ValueError, match="reuse a sequence"):
         fastdpo.dpo_loss(logits, labels, ref_c, ref_r, pairs=pairs, ld_alpha=0.5)
+    with pytest.raises(ValueError, match="reuse a sequence"):  # rejected in one pair, chosen in the other
+        fastdpo.dpo_loss(logits, labels, ref_c, ref_r, pairs=torch.tensor([[0, 2], [2, 3]], device=device),
+                         ld_alpha=0.5)  # fmt: skip

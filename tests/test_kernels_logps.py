@@ -47,6 +47,8 @@ CASES = [
     Case("split-rows-label-in-last-chunk", 2, 5, 1000, block_v=128, chunk_v=384, split=True,
          special="last_block_labels"),
     Case("finfo-min-masked-vocab", 2, 5, 1000, block_v=128, chunk_v=256, split=True, special="finfo_min_mask"),
+    # -inf masked vocabulary filling the row's first blocks and first chunk: every running max starts at -inf
+    Case("-inf-masked-leading-chunk", 2, 5, 1000, block_v=128, chunk_v=256, special="inf_mask"),
 ]
 TRITON_KNOBS = ("block_v", "chunk_v", "split")
 
@@ -71,6 +73,8 @@ def _inputs(case: Case, dtype, device):
         logits = (logits.float() + offsets).to(dtype)
     if case.special == "finfo_min_mask":  # masked vocabulary as some models write it: the dtype's lowest finite value
         logits[..., :300] = torch.finfo(dtype).min
+    if case.special == "inf_mask":
+        logits[..., :300] = -torch.inf
     if case.special == "large":
         logits = (logits.float() + 100.0).to(dtype)  # exp(z - 0) overflows float32 on unscored rows
     labels = make_labels(N, T, V, device)
@@ -78,8 +82,11 @@ def _inputs(case: Case, dtype, device):
         labels = torch.where(labels == IGNORE, labels, V - 1 - labels % 7)
     if case.special == "ignored_row":
         labels[1] = IGNORE
-    if case.special == "finfo_min_mask":
+    if case.special in ("finfo_min_mask", "inf_mask"):
         labels = torch.where(labels == IGNORE, labels, 300 + labels % (V - 300))
+    if case.special == "view":  # labels strided along T too (column-major storage)
+        labels = labels.t().contiguous().t()
+        assert labels.stride(1) != 1
     return logits, labels
 
 
@@ -217,7 +224,7 @@ STAT_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10, 12, 13, 14)], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 5, 6, 7, 9, 10, 12, 13, 14, 15)], ids=lambda c: c.id)
 @pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
 def test_statistics_and_reference_logits_in_one_sweep(impl, case, dtype, device):
     logits, labels = _inputs(case, dtype, device)
@@ -241,11 +248,14 @@ def test_statistics_and_reference_logits_in_one_sweep(impl, case, dtype, device)
 
 @pytest.mark.parametrize("impl", [triton_logps, chunked], ids=["triton", "torch"])
 def test_top1_ties_count_only_the_first_argmax(impl, device):
-    logits = torch.zeros(1, 3, 8, device=device)
-    logits[0, :, 2] = logits[0, :, 5] = 4.0  # two maxima: argmax is 2
-    labels = torch.tensor([[2, 5, 3]], device=device)
-    out = impl.logps_fwd(logits, labels, shift=False, ignore_index=IGNORE, temperature=1.0, stats=("is_top1",))
-    assert out.stats[STATS.index("is_top1")].tolist() == [[1.0, 0.0, 0.0]]
+    logits = torch.zeros(1, 5, 1000, device=device)
+    logits[0, :3, 2] = logits[0, :3, 5] = 4.0  # two maxima in one block: argmax is 2
+    logits[0, 3:, 50] = logits[0, 3:, 700] = 4.0  # two maxima in different chunks (of 256): argmax is 50
+    labels = torch.tensor([[2, 5, 3, 700, 50]], device=device)
+    kw = dict(shift=False, ignore_index=IGNORE, temperature=1.0, stats=("is_top1",))
+    for knobs in ([dict(block_v=128, chunk_v=256, split=s) for s in (False, True)] if impl is triton_logps else [{}]):
+        out = impl.logps_fwd(logits, labels, **kw, **knobs)
+        assert out.stats[STATS.index("is_top1")].tolist() == [[1.0, 0.0, 0.0, 0.0, 1.0]], knobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,5 +1,7 @@
 """The per-sequence sums kernel (``fastdpo.kernels.sums``) against the PyTorch tree it replaces: the same bits."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -55,3 +57,17 @@ def test_sequences_use_the_kernel_where_triton_runs(backend, monkeypatch, device
     assert torch.equal(out, torch_tree(x))
     assert calls == ([(4, 50)] if backend == "triton" else [])
 
+
+def test_packed_sequence_sums_equal_each_sequence_alone(backend, device):
+    """A packed row's sums (``SequenceLayout.sums``: trees over SUM_BLOCK-row blocks, then a tree over the block
+    sums) give every sequence the bits of its own padded row's tree, also for sequences spanning several blocks:
+    the block sums stay float64 between the levels (one rounding to float32 at the end, as padded)."""
+    B = sequences.SUM_BLOCK
+    # 24 sequences of 2 to 3 blocks: a rounding between the levels changes about a third of them
+    lengths = [7, B] + torch.randint(B + 1, 3 * B, (24,)).tolist()
+    x = wide_range_rows(1, sum(lengths), device)
+    cu = torch.nn.functional.pad(torch.tensor(lengths, device=device).cumsum(0), (1, 0))
+    labels = torch.zeros(x.shape, dtype=torch.long, device=device)
+    packed = sequences.SequenceLayout(labels, shift=False, cu_seq_lens=cu).sums(x)
+    alone = torch.stack([torch_tree(x[:, a:b])[0] for a, b in itertools.pairwise(cu.tolist())])
+    assert packed.dtype == torch.float32 and torch.equal(packed, alone)

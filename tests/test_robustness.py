@@ -64,6 +64,9 @@ def test_inplace_backward_refuses_overlapping_views(device):
         fastdpo.sequence_logps((w * 1.0).expand(3, 5, 10), labels, inplace_backward=True)
     with pytest.raises(ValueError, match="do not share memory"):
         fastdpo.dpo_loss((w * 1.0).expand(2, 5, 10), labels[:2], reference_free=True, inplace_backward=True)
+    # overlap without a zero stride: sliding windows, sequence n + 1 is sequence n one position on
+    with pytest.raises(ValueError, match="do not share memory"):
+        fastdpo.sequence_logps((w * 1.0).as_strided((3, 3, 10), (10, 10, 1)), labels[:, :3], inplace_backward=True)
     # views that do not overlap stay accepted: a slice along T, a transposed batch
     base = make_logits(5, 3, 10, torch.float32, device).requires_grad_()
     for view in ((base * 1.0)[:, :2], (base * 1.0).transpose(0, 1)):

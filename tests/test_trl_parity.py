@@ -31,10 +31,11 @@ TRL_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]  # fmt: skip
 
 
-def make_batch(B: int, dtype=torch.float64, *, empty_completion: bool = False):
+def make_batch(B: int, dtype=torch.float64, *, empty_completion: bool = False, tied_pair: bool = False):
     """TRL-collated batch (prompt + completion, right padding), fixed logits, and references near the policy.
     ``empty_completion``: pair 0 has an empty rejected completion and pair 1 an empty prompt (its completion
-    starts at position 0, so the unshifted completion count is one more than the scored tokens)."""
+    starts at position 0, so the unshifted completion count is one more than the scored tokens). ``tied_pair``:
+    pair 0's rejected completion, logits and reference equal its chosen ones (equal rewards)."""
     examples = []
     for i in range(B):
         rand = lambda lo, hi: torch.randint(0, V, (int(torch.randint(lo, hi, ())),)).tolist()  # noqa: E731
@@ -43,15 +44,22 @@ def make_batch(B: int, dtype=torch.float64, *, empty_completion: bool = False):
             example["rejected_ids"] = []
         if empty_completion and i == 1:
             example["prompt_ids"] = []
+        if tied_pair and i == 0:
+            example["rejected_ids"] = example["chosen_ids"]
         examples.append(example)
     batch = DataCollatorForPreference(pad_token_id=0)(examples)
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     logits = torch.randn(2 * B, labels.shape[1], V, dtype=torch.float64) * 2
     boost = ((labels[:, 1:] != -100) & (torch.rand(labels[:, 1:].shape) < 0.5)).double() * 6  # top-1 hits
     logits[:, :-1].scatter_add_(-1, labels[:, 1:].clamp(min=0)[..., None], boost[..., None])
+    if tied_pair:
+        assert torch.equal(labels[0], labels[B])
+        logits[B] = logits[0]
     logits = logits.to(dtype)
     logps = reference.sequence_logps(logits.double(), labels)
     ref = (logps + torch.randn(2 * B, dtype=torch.float64) * 3).to(dtype)
+    if tied_pair:
+        ref[B] = ref[0]
     batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref.chunk(2)
     return batch, logits, labels
 
@@ -122,8 +130,8 @@ def run_reference(batch, logits, labels, *, ref_logits=None, **options):
 
 
 def assert_parity(B=4, dtype=torch.float64, tol=1e-10, *, use_ref_logits=False, empty_completion=False,
-                  trl_backward=True, **options):  # fmt: skip
-    batch, logits, labels = make_batch(B, dtype, empty_completion=empty_completion)
+                  tied_pair=False, trl_backward=True, **options):  # fmt: skip
+    batch, logits, labels = make_batch(B, dtype, empty_completion=empty_completion, tied_pair=tied_pair)
     ref_logits = (torch.randn_like(logits.double()) * 2).to(dtype) if use_ref_logits else None
     trl_loss, trl_metrics, trl_grad = run_trl(batch, logits, labels, ref_logits=ref_logits, backward=trl_backward,
                                               **options)  # fmt: skip
@@ -244,6 +252,13 @@ def test_empty_completion():
     """An empty rejected completion (counts clamp at 1) and an empty prompt (IPO and sigmoid_norm divide by the
     unshifted completion count, one more than the scored tokens), as TRL's collator produces them."""
     assert_parity(loss_type=["ipo", "sigmoid_norm", "sigmoid"], empty_completion=True, ld_alpha=0.5)
+
+
+def test_tied_pair_is_not_a_reward_accuracy_hit():
+    """TRL's rewards/accuracies counts chosen_rewards > rejected_rewards, strictly: a pair with equal rewards is a
+    miss (random batches never tie, so only a constructed tie tells > from >=)."""
+    out = assert_parity(loss_type="sigmoid", tied_pair=True)
+    assert out.chosen_rewards[0] == out.rejected_rewards[0]
 
 
 def test_simpo_against_trl_cpo():
