@@ -181,7 +181,7 @@ def logps_bwd(
             dz.mul_(-g_ent[ns, ts].unsqueeze(-1))
             if g_logp is not None:
                 dz.sub_(p * g_logp[ns, ts].unsqueeze(-1))
-        if g_logp is not None:  # the label's entry, g (1 - p) = -g expm1(log p): exact where p -> 1
+        if g_logp is not None:  # the label's entry, g (1 - p) = -g expm1(log p), from the log-prob as the kernel
             hit = (scored & (y >= 0) & (y < V)).unsqueeze(-1)
             index = torch.where(hit, y.unsqueeze(-1), 0)
             z_label = transform.apply(logits[ns, ts].gather(-1, index), work)
