@@ -40,6 +40,16 @@ def _close(got, want, name, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _outputs_close(tok, want, prefix=""):
+    """Every field of ``OUTPUTS`` against the float64 reference: top-1 exactly, the rest to float32 rounding."""
+    for name in OUTPUTS:
+        got, exp = getattr(tok, name), getattr(want, name)
+        if name == "is_top1":
+            assert torch.equal(got, exp), (prefix + name, (got != exp).nonzero().tolist())
+        else:
+            _close(got, exp.detach(), prefix + name)
+
+
 def _worker(rank, world, bounds, backend, use_dtensor):
     os.environ["FASTDPO_BACKEND"] = backend
     logits, labels, ref_logits, ref = _inputs()
@@ -70,12 +80,7 @@ def _worker(rank, world, bounds, backend, use_dtensor):
     tok = fastdpo.token_logps(xin, labels, outputs=OUTPUTS, **kw)
     full = logits.double().requires_grad_()
     want = reference.token_logps(full, labels, outputs=OUTPUTS)
-    for name in OUTPUTS:
-        got, exp = getattr(tok, name), getattr(want, name)
-        if name == "is_top1":
-            assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
-        else:
-            _close(got, exp.detach(), name)
+    _outputs_close(tok, want)
     g1, g2 = torch.randn(2, 2 * B, T - 1, generator=torch.Generator().manual_seed(7))
     (tok.log_probs * g1 + tok.entropy * g2).sum().backward()
     ((want.log_probs * g1 + want.entropy * g2).sum()).backward()
@@ -174,12 +179,7 @@ def _fused_worker(rank, world, bounds, backend, use_dtensor):
     hf = hidden.reshape(-1, D).double().requires_grad_()
     want = reference.fused_linear_token_logps(hf, weight.double(), targets, bias=bias.double(), outputs=OUTPUTS,
                                               **HEAD)  # fmt: skip
-    for name in OUTPUTS:
-        got, exp = getattr(tok, name), getattr(want, name)
-        if name == "is_top1":
-            assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
-        else:
-            _close(got, exp.detach(), f"fused {name}")
+    _outputs_close(tok, want, "fused ")
     (tok.log_probs.sum() + tok.entropy.sum()).backward()
     (want.log_probs.sum() + want.entropy.sum()).backward()
     _close(h2.grad, hf.grad, "fused token d hidden")
@@ -287,12 +287,7 @@ def _edge_values_worker(rank, world, backend):
     tok = fastdpo.token_logps(x, labels, ignore_index=ignore, outputs=OUTPUTS, **kw)
     full = logits.double().requires_grad_()
     want = reference.token_logps(full, labels, ignore_index=ignore, outputs=OUTPUTS)
-    for name in OUTPUTS:
-        got, exp = getattr(tok, name), getattr(want, name)
-        if name == "is_top1":
-            assert torch.equal(got, exp), (name, (got != exp).nonzero().tolist())
-        else:
-            _close(got, exp.detach(), f"ignore_index={ignore} {name}")
+    _outputs_close(tok, want, f"ignore_index={ignore} ")
     (tok.log_probs.sum() + tok.entropy.sum()).backward()
     (want.log_probs.sum() + want.entropy.sum()).backward()
     _close(x.grad, full.grad[..., lo:hi], f"ignore_index={ignore} grad")
