@@ -101,8 +101,7 @@ def _vocab_shard(logits, ref_logits, group, start, labels):
         return logits, ref_logits, None
     else:
         group = process_group(group, "vocab_parallel_group")
-        rows = logits.shape[:-1] if isinstance(logits, torch.Tensor) else ()
-        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device, rows, labels)
+        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device, logits, labels)
     return logits, ref_logits, (group, start, V_total)
 
 

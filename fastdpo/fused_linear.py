@@ -92,18 +92,13 @@ def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignor
     _validation.check_label_values(rows, V, ignore_index, first_scored=int(shift) if ndim == 3 else 0)
 
 
-def _rows(hidden) -> tuple:
-    """hidden's leading dimensions (all but D), or none for a non-tensor (refused by ``_check_inputs``)."""
-    return tuple(hidden.shape[:-1]) if isinstance(hidden, torch.Tensor) else ()
-
-
-def _lm_head(weight, bias, group, start, rows=(), labels=None):
+def _lm_head(weight, bias, group, start, hidden=None, labels=None):
     """(weight, bias, vocab_parallel) of a call. Without ``group`` a DTensor head is gathered: under FSDP2 each rank
     holds a slice of the parameter but scores its own batch. With ``group`` the weight is this rank's rows of the head
     and the hidden states are replicated over the group: a plain ``[V_s, D]`` tensor (first row ``start``, default
-    rank * V_s), or a ``Shard(0)`` DTensor on a 1-D mesh (pass the mesh, or its group, as ``group``).
-    ``rows``, ``labels``: hidden's leading dimensions and the labels, which every rank of the group must share
-    (checked with the layout). ``vocab_parallel`` is ``(group, start, V)``, or None."""
+    rank * V_s), or a ``Shard(0)`` DTensor on a 1-D mesh (pass the mesh, or its group, as ``group``). Every rank of
+    the group must pass hidden states of the same leading dimensions and the same ``labels`` (checked with the
+    layout). ``vocab_parallel`` is ``(group, start, V)``, or None."""
     if group is None or not isinstance(weight, torch.Tensor):
         if start is not None:
             raise ValueError("vocab_start_index needs vocab_parallel_group")
@@ -115,7 +110,7 @@ def _lm_head(weight, bias, group, start, rows=(), labels=None):
         bias = bias.to_local() if DTensor is not None and isinstance(bias, DTensor) else bias
         return weight, bias, (group, start, V_total)
     group = process_group(group, "vocab_parallel_group")  # a 1-D DeviceMesh: its group
-    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start, weight.device, rows, labels)
+    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start, weight.device, hidden, labels)
     return weight, bias, (group, start, V_total)
 
 
@@ -222,9 +217,7 @@ def fused_linear_token_logps(
     Vocab parallel: ``weight`` (and ``bias``) are this rank's rows of the head, ``hidden`` is replicated over
     ``vocab_parallel_group``; see ``fused_linear_dpo_loss``.
     """
-    weight, bias, vocab_parallel = _lm_head(
-        weight, bias, vocab_parallel_group, vocab_start_index, _rows(hidden), targets
-    )
+    weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, targets)
     _check_inputs(hidden, weight, bias, targets, ndim=2, shift=False, ignore_index=ignore_index,
                   vocab_parallel=vocab_parallel)  # fmt: skip
     check_outputs(outputs)
@@ -259,9 +252,7 @@ def fused_linear_sequence_logps(
     """``fastdpo.sequence_logps`` of ``f(hidden @ weight.T + bias)``: hidden ``[N, T, D]`` -> ``[S]`` float32.
 
     Under ``torch.no_grad()`` (a reference model) it is one forward pass over tiles of scored tokens."""
-    weight, bias, vocab_parallel = _lm_head(
-        weight, bias, vocab_parallel_group, vocab_start_index, _rows(hidden), labels
-    )
+    weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
                   vocab_parallel=vocab_parallel)  # fmt: skip
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
@@ -327,9 +318,7 @@ def fused_linear_dpo_loss(
     ``vocab_parallel_group`` a DTensor head is gathered instead (FSDP2). Combines with ``context_parallel_group``.
     """
     cfg = LossConfig.of(locals())
-    weight, bias, vocab_parallel = _lm_head(
-        weight, bias, vocab_parallel_group, vocab_start_index, _rows(hidden), labels
-    )
+    weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
                   vocab_parallel=vocab_parallel)  # fmt: skip
     reference = _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias, vocab_parallel)

@@ -229,16 +229,17 @@ def labels_digest(labels: torch.Tensor) -> torch.Tensor:
     return (flat * weights).sum()
 
 
-def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None, rows=(), labels=None):
+def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None, rows_of=None,
+                 labels=None):  # fmt: skip
     """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
     with one all-gather of five integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
-    overlap, none empty, and every rank must hold the same ``rows`` (the leading dimensions of its logits or hidden
-    states: only the vocabulary is sharded; collectives of different sizes would crash or hang) and the same
-    ``labels`` (compared by ``labels_digest``: ranks scoring different labels would merge into a wrong result on
-    every rank, silently). Default ``start``: equal contiguous shards in rank order. Every call checks (a rank that
-    skipped the collective because its own shard did not change would hang the others); a DTensor carries its layout
-    and needs no check (``from_dtensor``, ``head_from_dtensor``). Every rank sees the same gathered values, so every
-    rank raises alike.
+    overlap, none empty, and every rank must hold the same rows (the leading dimensions of ``rows_of``, its logits
+    or hidden states: only the vocabulary is sharded; collectives of different sizes would crash or hang) and the
+    same ``labels`` (compared by ``labels_digest``: ranks scoring different labels would merge into a wrong result
+    on every rank, silently). Default ``start``: equal contiguous shards in rank order. Every call checks (a rank
+    that skipped the collective because its own shard did not change would hang the others); a DTensor carries its
+    layout and needs no check (``from_dtensor``, ``head_from_dtensor``). Every rank sees the same gathered values,
+    so every rank raises alike.
 
     Under ``torch.compile`` the layout is not checked (a graph cannot branch on gathered values; the other value
     checks are skipped there too): V is ``world * V_local`` for the default shards, else a 0-d tensor, the sum of
@@ -257,6 +258,7 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
         start = operator.index(start)
     except TypeError:
         raise TypeError(f"vocab_start_index must be an int (this rank's first vocab id), got {start!r}") from None
+    rows = rows_of.shape[:-1] if isinstance(rows_of, torch.Tensor) else ()  # a non-tensor is refused later
     lead = (*(int(n) for n in rows), -1, -1)[:2]  # a fixed count, so that the all-gather matches on every rank
     digest = labels_digest(labels) if isinstance(labels, torch.Tensor) else -1
     gathered = gather_ints([start, V_local, *lead, digest], group, device)
