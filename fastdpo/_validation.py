@@ -22,10 +22,11 @@ LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def check_logits_labels(
     logits: torch.Tensor, labels: torch.Tensor, *, shift: bool, temperature: float, ignore_index: int,
-    label_vocab: int | None = None,
+    label_vocab: int | None = None, context_parallel: bool = False,
 ) -> None:
     """``label_vocab``: the vocabulary scored labels must index, default the logits' V (a vocab shard's logits
-    pass the global V)."""
+    pass the global V). ``context_parallel``: this rank may hold no position (``T == 0``); it still joins its
+    group's sums, so the other ranks are not left waiting."""
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"logits and labels must be tensors, got {type(logits).__name__} and {type(labels).__name__}"
@@ -37,7 +38,7 @@ def check_logits_labels(
     N, T, V = logits.shape
     if N == 0 or V == 0:
         raise ValueError(f"logits must have at least one sequence and one vocab entry, got shape {(N, T, V)}")
-    if T < 1 + int(shift):
+    if T < (0 if context_parallel else 1 + int(shift)):
         raise ValueError(f"logits need T >= {1 + int(shift)} positions with shift={shift}, got shape {(N, T, V)}")
     if logits.stride(-1) != 1:
         raise ValueError(

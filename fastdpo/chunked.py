@@ -29,7 +29,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _chunks(N: int, T: int, V: int) -> Iterator[tuple[slice, slice]]:
     """(sequence slice, position slice) blocks of at most ~CHUNK_ELEMENTS logits."""
     rows = max(1, CHUNK_ELEMENTS // max(V, 1))
-    t_step = min(T, rows)
+    t_step = max(1, min(T, rows))
     n_step = max(1, rows // max(T, 1))
     for n0 in range(0, N, n_step):
         for t0 in range(0, T, t_step):

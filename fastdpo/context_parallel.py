@@ -16,7 +16,8 @@ What crosses ranks (nothing of size V):
             range and count (three integers per rank) and a check that each position is held once (4 bytes a
             position); the ``position_ids`` shares when they replace ``cu_seq_lens`` (8 bytes a position)
 Padded batches without LD-DPO use no position at all (the sums do not depend on the order), so ``positions`` is
-not checked there. Every rank needs at least one position.
+not checked there. A rank may hold no position (``T_r = 0``, e.g. a row shorter than the group): it adds nothing
+to the sums but joins every collective, so the other ranks are not left waiting.
 The sums' backward passes the gradient through unchanged: every rank back-propagates the same (replicated) loss,
 so each rank's logits gradient is its slice of the unsharded one, with nothing scaled by the group size.
 
@@ -91,7 +92,9 @@ def resolve_positions(positions: torch.Tensor | None, T_local: int, group, devic
         sizes = [n for (n,) in gather_ints([T_local], group, device)]
         offset = sum(sizes[: dist.get_rank(group)])
         return torch.arange(offset, offset + T_local, device=device), sum(sizes)
-    lows, highs, sizes = zip(*gather_ints([positions.min(), positions.max(), T_local], group, device))
+    held = positions.numel() > 0  # a rank holding no position widens no range
+    low, high = (positions.min(), positions.max()) if held else (0, -1)
+    lows, highs, sizes = zip(*gather_ints([low, high, T_local], group, device))
     total = sum(sizes)
     if min(lows) < 0 or max(highs) >= total:  # every rank sees the same numbers, so every rank raises
         raise ValueError(f"context_parallel_positions must lie in [0, {total}) (the group holds {total} positions), "

@@ -182,7 +182,8 @@ def sequence_logps(
     """
     logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index, labels)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
-                                    label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
+                                    label_vocab=_global_vocab(vocab_parallel),
+                                    context_parallel=context_parallel_group is not None)  # fmt: skip
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group,
                          context_parallel_positions=context_parallel_positions)  # fmt: skip
@@ -241,7 +242,8 @@ def dpo_loss(
         logits, ref_logits, vocab_parallel_group, vocab_start_index, labels
     )
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index,
-                                    label_vocab=_global_vocab(vocab_parallel))  # fmt: skip
+                                    label_vocab=_global_vocab(vocab_parallel),
+                                    context_parallel=context_parallel_group is not None)  # fmt: skip
     _validation.check_ref_logits(ref_logits, logits)
     layout = make_layout(logits, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group,

@@ -67,14 +67,14 @@ def _check_head(name: str, hidden: torch.Tensor, weight, bias) -> None:
 
 
 def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignore_index: int,
-                  vocab_parallel=None) -> None:  # fmt: skip
+                  vocab_parallel=None, context_parallel: bool = False) -> None:  # fmt: skip
     """Shapes, dtypes and devices of a fused-linear call; label values as ``fastdpo.dpo_loss`` checks them (against
-    the global vocab size when the head is a vocab shard)."""
+    the global vocab size when the head is a vocab shard). A context-parallel rank may hold no position."""
     if not isinstance(hidden, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError(f"hidden and labels must be tensors, got {type(hidden).__name__} and {type(labels).__name__}")
     shape = "(N, T, D)" if ndim == 3 else "(N, D)"
     # per-token calls may have no rows (TRL passes only the scored rows, and a micro-batch can have none)
-    empty = hidden.shape[-1] == 0 if ndim == 2 else hidden.numel() == 0
+    empty = hidden.shape[-1] == 0 if ndim == 2 else (hidden.numel() == 0 and not context_parallel)
     if hidden.ndim != ndim or hidden.dtype not in HIDDEN_DTYPES or empty:
         raise ValueError(f"hidden must be a non-empty {shape} float16/bfloat16/float32 tensor, got shape "
                          f"{tuple(hidden.shape)} and dtype {hidden.dtype}")  # fmt: skip
@@ -85,7 +85,7 @@ def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignor
     if tuple(labels.shape) != tuple(hidden.shape[:-1]) or labels.device != hidden.device:
         raise ValueError(f"{name} must have shape {tuple(hidden.shape[:-1])} on {hidden.device} to match hidden, "
                          f"got {tuple(labels.shape)} on {labels.device}")  # fmt: skip
-    if ndim == 3 and hidden.shape[1] < 1 + int(shift):
+    if ndim == 3 and hidden.shape[1] < (0 if context_parallel else 1 + int(shift)):
         raise ValueError(f"hidden needs T >= {1 + int(shift)} positions with shift={shift}, got {tuple(hidden.shape)}")
     rows = labels if ndim == 3 else labels.unsqueeze(0)
     V = weight.shape[0] if vocab_parallel is None else vocab_parallel[2]
@@ -150,7 +150,7 @@ def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: b
         logp, entropy, stat = _project(h.reshape(N * T, D), w, b, targets, call_options, vocab_parallel)
         rows = slice(0, T - int(shift))
         return (logp.view(N, T)[:, rows], None if entropy is None else entropy.view(N, T)[:, rows],
-                None if stat is None else stat.view(-1, N, T)[:, :, rows])  # fmt: skip
+                None if stat is None else stat.view(stat.shape[0], N, T)[:, :, rows])  # fmt: skip
 
     def run(labels: torch.Tensor, stats: tuple[str, ...], with_reference: bool) -> TokenOutputs:
         # Row t of hidden scores labels[:, t + shift]; the last `shift` rows have no label.
@@ -254,7 +254,7 @@ def fused_linear_sequence_logps(
     Under ``torch.no_grad()`` (a reference model) it is one forward pass over tiles of scored tokens."""
     weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
-                  vocab_parallel=vocab_parallel)  # fmt: skip
+                  vocab_parallel=vocab_parallel, context_parallel=context_parallel_group is not None)  # fmt: skip
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
     layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,
                          context_parallel_group=context_parallel_group,
@@ -320,7 +320,7 @@ def fused_linear_dpo_loss(
     cfg = LossConfig.of(locals())
     weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
-                  vocab_parallel=vocab_parallel)  # fmt: skip
+                  vocab_parallel=vocab_parallel, context_parallel=context_parallel_group is not None)  # fmt: skip
     reference = _reference_head(ref_hidden, ref_weight, ref_bias, hidden, weight, bias, vocab_parallel)
     options = _options(ignore_index, temperature, logit_scale, final_logit_softcapping, tile_elements)
     layout = make_layout(hidden, labels, shift=shift, cu_seq_lens=cu_seq_lens, position_ids=position_ids,

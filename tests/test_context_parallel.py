@@ -60,6 +60,9 @@ def _check(out, truth, grad, truth_grad, what):
     _close(out.loss, truth.loss, f"{what} loss")
     for name, value in truth.metrics.items():
         _close(out.metrics[name], value, f"{what} {name}")
+    if truth_grad.numel() == 0:  # a rank holding no position
+        assert grad.shape == truth_grad.shape, f"{what} grad: shape {tuple(grad.shape)} != {tuple(truth_grad.shape)}"
+        return
     scale = float(truth_grad.abs().max())
     assert scale > 1e-9  # a gradient a wrong scale could hide in: tolerances below are relative to its maximum
     _close(grad, truth_grad, f"{what} grad", atol=1e-5 * scale)
@@ -88,7 +91,7 @@ def _positions(layout, cp_rank, cp, T):
             return positions.clone(), True
     if isinstance(layout[0], int):
         return torch.arange(layout[cp_rank], layout[cp_rank + 1]), False
-    return torch.tensor(layout[cp_rank]), True
+    return torch.tensor(layout[cp_rank], dtype=torch.long), True
 
 
 def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
@@ -149,6 +152,7 @@ LD = dict(ld_alpha=0.6)
 # 4 ranks' positions in no rank order, each rank's own out of order too, a rank holding pieces of three sequences
 SCATTERED = [[27, 0, 1, 14, 15], [2, 3, 4, 5, 6, 7, 20, 21], [8, 9, 10, 11, 12, 13],
              [16, 17, 18, 19, 22, 23, 24, 25, 26]]  # fmt: skip
+SCATTERED_WITH_EMPTY = [SCATTERED[0] + SCATTERED[3], [], SCATTERED[1] + SCATTERED[2]]
 CASES = {
     # id: (world, tp, layout: contiguous bounds, "torch" (load-balanced) or position lists, packing, backend, loss)
     "cp2-torch": (2, 1, [0, 6, T_PADDED], None, "torch", dict(beta=0.3)),
@@ -163,6 +167,14 @@ CASES = {
     "cp4-packed-scattered-ld-torch": (4, 1, SCATTERED, "cu_seq_lens", "torch", dict(beta=0.5, **LD)),
     "cp2xtp2-packed-triton": (4, 2, [0, 14, 28], "cu_seq_lens", "triton", dict(beta=0.3, loss_type="robust",
                                                                            label_smoothing=0.1)),
+    # a rank holding no position (last, first, middle): it joins every collective and gets an empty gradient
+    "cp2-empty-rank-torch": (2, 1, [0, T_PADDED, T_PADDED], None, "torch", dict(beta=0.3)),
+    "cp3-packed-empty-rank-ld-triton": (3, 1, [0, 0, 13, 28], "cu_seq_lens", "triton", dict(beta=0.3, **LD)),
+    "cp3-packed-posids-empty-rank-ld-wpo-torch": (3, 1, [0, 10, 10, 28], "position_ids", "torch",
+                                                  dict(beta=0.3, use_weighting=True, **LD)),
+    "cp3-packed-scattered-empty-rank-ld-torch": (3, 1, SCATTERED_WITH_EMPTY, "cu_seq_lens", "torch",
+                                                 dict(beta=0.5, **LD)),
+    "cp2xtp2-empty-rank-ld-triton": (4, 2, [0, T_PADDED, T_PADDED], None, "triton", dict(beta=0.3, **LD)),
 }
 
 

@@ -43,6 +43,8 @@ def test_errors_name_the_argument(device):
         (lambda: fastdpo.sequence_logps(logits, labels, temperature=math.nan), ValueError, "temperature"),
         (lambda: fastdpo.sequence_logps(logits.detach().cpu().numpy(), labels), TypeError, "tensors"),
         (lambda: fastdpo.sequence_logps(logits[:, :1], labels[:, :1]), ValueError, "T >= 2"),
+        # no position is an error on one device (context parallelism alone allows a rank none)
+        (lambda: fastdpo.sequence_logps(logits[:, :0], labels[:, :0], shift=False), ValueError, "T >= 1"),
         (lambda: fastdpo.dpo_loss(logits, labels, beta=-1.0, reference_free=True), ValueError, "beta"),
         (lambda: fastdpo.dpo_loss(logits, labels, beta=math.nan, reference_free=True), ValueError, "beta"),
         (lambda: fastdpo.dpo_loss(logits, labels, loss_type="robust", label_smoothing=-0.1, reference_free=True),
