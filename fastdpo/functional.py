@@ -101,7 +101,8 @@ def _vocab_shard(logits, ref_logits, group, start, labels):
         return logits, ref_logits, None
     else:
         group = process_group(group, "vocab_parallel_group")
-        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device, logits, labels)
+        start, V_total = vocab_parallel_op.shard_layout(logits.shape[-1], group, start, logits.device, logits, labels,
+                                                        vocab_parallel_op.vocab_sample(logits, -1))  # fmt: skip
     return logits, ref_logits, (group, start, V_total)
 
 

@@ -110,7 +110,8 @@ def _lm_head(weight, bias, group, start, hidden=None, labels=None):
         bias = bias.to_local() if DTensor is not None and isinstance(bias, DTensor) else bias
         return weight, bias, (group, start, V_total)
     group = process_group(group, "vocab_parallel_group")  # a 1-D DeviceMesh: its group
-    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start, weight.device, hidden, labels)
+    start, V_total = vocab_parallel_op.shard_layout(weight.shape[0], group, start, weight.device, hidden, labels,
+                                                    vocab_parallel_op.vocab_sample(weight, 0))  # fmt: skip
     return weight, bias, (group, start, V_total)
 
 

@@ -351,6 +351,16 @@ def _argument_errors_worker(rank, world):
     with pytest.raises(ValueError, match=r"non-empty vocab shard.*\[10, 20, 0\]"):
         start, end = [(0, 10), (10, 30), (30, 30)][rank]
         fastdpo.sequence_logps(logits[..., start:end], labels, vocab_parallel_group=group, vocab_start_index=start)
+    with pytest.raises(ValueError, match="passed the same vocab values"):  # the whole logits on every rank
+        fastdpo.dpo_loss(logits, labels, reference_free=True, vocab_parallel_group=group)
+    with pytest.raises(ValueError, match="passed the same vocab values"):  # the whole head on every rank
+        fastdpo.fused_linear_sequence_logps(torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1)),
+                                            torch.randn(30, 6, generator=torch.Generator().manual_seed(2)), labels,
+                                            vocab_parallel_group=group)  # fmt: skip
+    # equal shards of a zero-initialised head are legitimate (and not judged): log-probs of -log(30)
+    zeros = torch.zeros(4, 5, 30)
+    _close(fastdpo.sequence_logps(zeros[..., lo:hi], labels, vocab_parallel_group=group),
+           reference.sequence_logps(zeros.double(), labels), "equal constant shards")  # fmt: skip
     with pytest.raises(TypeError, match="vocab_start_index must be an int"):
         fastdpo.sequence_logps(logits[..., lo:hi], labels, vocab_parallel_group=group, vocab_start_index=float(lo))
 

@@ -229,14 +229,40 @@ def labels_digest(labels: torch.Tensor) -> torch.Tensor:
     return (flat * weights).sum()
 
 
+SAMPLE = 64  # values of a shard compared across ranks (``shard_layout``)
+
+
+def vocab_sample(shard: torch.Tensor, vocab_dim: int) -> torch.Tensor | None:
+    """Up to ``SAMPLE`` values of ``shard`` along its vocab dimension at index 0 of the others (a view: logits
+    ``[..., V_s]`` with ``vocab_dim=-1``, head rows ``[V_s, D]`` with 0); None for an empty shard."""
+    if shard.numel() == 0:
+        return None
+    along = shard.movedim(vocab_dim, -1)
+    return along[(0,) * (along.ndim - 1)][:SAMPLE]
+
+
+def _sample_digest(sample: torch.Tensor | None) -> tuple:
+    """(digest of ``sample``'s float32 bits, whether its values differ), 0-d tensors; (-1, 0) for no sample. Weights
+    1..64 on int32 bit patterns cannot overflow int64; equal samples give equal digests."""
+    if sample is None:
+        return -1, 0
+    bits = sample.detach().float().view(torch.int32).long()
+    weights = torch.arange(1, bits.numel() + 1, device=bits.device)
+    return (bits * weights).sum(), (sample != sample[0]).any()
+
+
 def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None, rows_of=None,
-                 labels=None):  # fmt: skip
+                 labels=None, sample: torch.Tensor | None = None):  # fmt: skip
     """(this rank's first vocab id, the global vocab size) for a shard of ``V_local`` ids, checked across the group
-    with one all-gather of five integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
+    with one all-gather of seven integers per rank and one host sync: the shards must tile ``[0, V)`` without gap or
     overlap, none empty, and every rank must hold the same rows (the leading dimensions of ``rows_of``, its logits
     or hidden states: only the vocabulary is sharded; collectives of different sizes would crash or hang) and the
     same ``labels`` (compared by ``labels_digest``: ranks scoring different labels would merge into a wrong result
-    on every rank, silently). Default ``start``: equal contiguous shards in rank order. Every call checks (a rank
+    on every rank, silently). ``sample`` (``vocab_sample`` of the shard) catches every rank passing the same values,
+    e.g. the whole logits with the default offsets: they tile ``[0, world * V)`` and every log-prob would come out
+    low by log(world); values equal on every rank and not all alike within the sample are refused (shards of a real
+    head differ; a constant sample, e.g. a zero-initialised head, is not judged). Default ``start``: equal
+    contiguous shards in rank order. Every call checks (a rank
     that skipped the collective because its own shard did not change would hang the others); a DTensor carries its
     layout and needs no check (``from_dtensor``, ``head_from_dtensor``). Every rank sees the same gathered values,
     so every rank raises alike.
@@ -261,7 +287,7 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
     rows = rows_of.shape[:-1] if isinstance(rows_of, torch.Tensor) else ()  # a non-tensor is refused later
     lead = (*(int(n) for n in rows), -1, -1)[:2]  # a fixed count, so that the all-gather matches on every rank
     digest = labels_digest(labels) if isinstance(labels, torch.Tensor) else -1
-    gathered = gather_ints([start, V_local, *lead, digest], group, device)
+    gathered = gather_ints([start, V_local, *lead, digest, *_sample_digest(sample)], group, device)
     if any(g[2:4] != gathered[0][2:4] for g in gathered):
         dims = [tuple(n for n in g[2:4] if n >= 0) for g in gathered]
         raise ValueError(f"every rank of vocab_parallel_group must hold the same rows and positions (only the vocab is "
@@ -269,6 +295,11 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
     if any(g[4] != gathered[0][4] for g in gathered):
         raise ValueError("every rank of vocab_parallel_group must pass the same labels (global ids, replicated over "
                          "the group); the ranks' labels differ")  # fmt: skip
+    if len(gathered) > 1 and all(g[5:] == gathered[0][5:] for g in gathered) and gathered[0][6]:
+        raise ValueError("every rank of vocab_parallel_group passed the same vocab values: each rank must pass its "
+                         "own shard of the vocabulary (the logits' last dimension, or the head's rows), not the whole "
+                         "of it; the whole on every rank would score each token against world copies of the "
+                         "vocabulary, every log-prob low by log(world)")  # fmt: skip
     if any(n <= 0 for _, n, *_ in gathered):
         raise ValueError(f"every rank of vocab_parallel_group needs a non-empty vocab shard; got shard sizes "
                          f"{[n for _, n, *_ in gathered]} by rank")  # fmt: skip
