@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from fastdpo import _validation
 from fastdpo._collectives import collective_device, gather_ints
@@ -36,13 +37,13 @@ from fastdpo.sequences import SequenceLayout
 
 
 class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce SUM of per-sequence partial sums; the backward is the identity (see the module docstring)."""
+    """All-reduce SUM of per-sequence partial sums; the backward is the identity (see the module docstring). A
+    functional collective, not an in-place ``dist.all_reduce`` of a clone: under ``torch.compile`` torch 2.11's
+    Dynamo traced the in-place one into a graph whose backward gave every logit a zero gradient."""
 
     @staticmethod
     def forward(ctx, partial: torch.Tensor, group) -> torch.Tensor:
-        total = partial.clone()
-        dist.all_reduce(total, group=group)
-        return total
+        return funcol.wait_tensor(funcol.all_reduce(partial, "sum", group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -238,7 +238,12 @@ def dpo_loss(
     this rank's positions, contiguous slices in rank order or ``context_parallel_positions`` ``[T_r]``; packed
     batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
-    cfg = LossConfig.of(locals())
+    cfg = LossConfig(
+        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+        reference_free=reference_free, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
+        discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+    )  # fmt: skip
     logits, ref_logits, vocab_parallel = _vocab_shard(
         logits, ref_logits, vocab_parallel_group, vocab_start_index, labels
     )

@@ -318,7 +318,12 @@ def fused_linear_dpo_loss(
     ``ColumnParallelLinear`` and torch's ``ColwiseParallel`` do for their replicated input). Without
     ``vocab_parallel_group`` a DTensor head is gathered instead (FSDP2). Combines with ``context_parallel_group``.
     """
-    cfg = LossConfig.of(locals())
+    cfg = LossConfig(
+        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+        reference_free=reference_free, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
+        discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+    )  # fmt: skip
     weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
                   vocab_parallel=vocab_parallel, context_parallel=context_parallel_group is not None)  # fmt: skip

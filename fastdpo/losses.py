@@ -31,8 +31,8 @@ each pair's loss is multiplied by w_c·w_r, w = exp(mean over completion tokens 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -70,7 +70,9 @@ class DPOOutput(NamedTuple):
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The loss keywords of ``dpo_loss`` (TRL ``DPOConfig`` names and defaults), validated on construction."""
+    """The loss keywords of ``dpo_loss`` (TRL ``DPOConfig`` names and defaults), validated on construction.
+    The API functions name each keyword when they build it: ``LossConfig(**locals())``-style shortcuts break
+    ``torch.compile(fullgraph=True)`` before torch 2.13, whose Dynamo cannot trace ``locals()``."""
 
     beta: float = 0.1
     loss_type: str | Sequence[str] = "sigmoid"
@@ -83,12 +85,6 @@ class LossConfig:
     use_weighting: bool = False
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
-
-    @classmethod
-    def of(cls, keywords: Mapping[str, object]) -> LossConfig:
-        """The config from a function's flat loss keywords, ``LossConfig.of(locals())`` as its first statement:
-        every API function that takes TRL's keywords builds its config this one way."""
-        return cls(**{name: keywords[name] for name in LOSS_KEYWORDS})
 
     def __post_init__(self):
         types = self.loss_types
@@ -126,10 +122,6 @@ class LossConfig:
     @property
     def needs_reference(self) -> bool:
         return not self.reference_free and not set(self.loss_types) <= set(REFERENCE_FREE_LOSS_TYPES)
-
-
-# The field names, read once: torch.compile cannot trace dataclasses.fields() inside a compiled call
-LOSS_KEYWORDS = tuple(f.name for f in fields(LossConfig))
 
 
 class SequenceTerms(NamedTuple):

@@ -268,7 +268,12 @@ def dpo_loss(
     """Same contract as ``fastdpo.dpo_loss``. Packed input (``cu_seq_lens`` or ``position_ids``) is unpacked into
     a right-padded batch; ``pairs`` ``[B, 2]`` (chosen, rejected) sequence indices reorders the rows into TRL's
     [chosen..., rejected...] layout (default: sequence i against sequence B + i)."""
-    cfg = LossConfig.of(locals())
+    cfg = LossConfig(
+        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+        reference_free=reference_free, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
+        discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+    )  # fmt: skip
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=1.0, ignore_index=ignore_index)
     _validation.check_ref_logits(ref_logits, logits)
     if _validation.check_packing(logits, cu_seq_lens, position_ids) is not None:

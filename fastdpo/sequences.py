@@ -37,7 +37,9 @@ class _PairwiseSums(torch.autograd.Function):
         acc = torch.nn.functional.pad(acc, (0, width - acc.shape[-1]))
         while acc.shape[-1] > 1:
             acc = acc[..., 0::2] + acc[..., 1::2]
-        return acc[..., 0].to(x.dtype)
+        # a copy even for float64 input: torch 2.11's Dynamo gave zero gradients to a Function whose output is a
+        # view of its forward's intermediates (acc[..., 0] alone)
+        return acc[..., 0].to(x.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Public API: ``dpo_loss`` / ``DPOLoss`` against ``fastdpo.reference`` in float64, and argument errors."""
 
+import dataclasses
+import inspect
 import math
 
 import pytest
@@ -152,3 +154,37 @@ def test_bad_arguments_raise_clear_errors(fn, device):
             fn(**args)
     with pytest.raises(ValueError, match="loss_type"):
         fastdpo.DPOLoss(loss_type="nope")
+
+
+class _Built(Exception):
+    pass
+
+
+def _capture_config(**keywords):
+    raise _Built(keywords)
+
+
+# a value for every loss keyword, none its default
+LOSS_KEYWORD_VALUES = dict(beta=0.37, loss_type=["hinge", "sft"], loss_weights=[0.5, 2.0], label_smoothing=0.2,
+                           reference_free=True, f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3,
+                           ld_alpha=0.7, use_weighting=True, discopop_tau=0.11, simpo_gamma=0.9)  # fmt: skip
+
+
+@pytest.mark.parametrize("module, name", [("functional", "dpo_loss"), ("fused_linear", "fused_linear_dpo_loss"),
+                                          ("reference", "dpo_loss")])  # fmt: skip
+def test_every_loss_keyword_reaches_the_config(module, name, monkeypatch):
+    """The API functions name each of the config's eleven keywords (no ``locals()``, which torch.compile before 2.13
+    cannot trace): each one is a parameter with the config's default and is passed on as given."""
+    mod = getattr(fastdpo, module)
+    fn = getattr(mod, name)
+    config_fields = {f.name: f.default for f in dataclasses.fields(fastdpo.losses.LossConfig)}
+    assert set(LOSS_KEYWORD_VALUES) == set(config_fields)
+    params = inspect.signature(fn).parameters
+    assert {k: params[k].default for k in config_fields} == config_fields
+    monkeypatch.setattr(mod, "LossConfig", _capture_config)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    inputs = (torch.randn(2, 3, 4), torch.randn(5, 4), labels) if module == "fused_linear" else (torch.randn(2, 3, 5),
+                                                                                                labels)  # fmt: skip
+    with pytest.raises(_Built) as built:
+        fn(*inputs, **LOSS_KEYWORD_VALUES)
+    assert built.value.args[0] == LOSS_KEYWORD_VALUES

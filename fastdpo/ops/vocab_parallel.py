@@ -45,6 +45,7 @@ from fastdpo.ops.logps import (
     _token_logps_backward_op,
     impl_for,
     kernel_kw,
+    plain_eager,
     stats_mask,
 )
 
@@ -154,8 +155,9 @@ class VocabParallelLogps(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the backward op, whose formula refuses a double backward
             grad = _token_logps_backward_op(logits, local, lse, grad_logp, entropy, grad_entropy, **ctx.kw)
             return (grad,) + (None,) * 5
+        inplace = ctx.inplace and plain_eager(logits, lse, grad_logp, grad_entropy)  # as ops.logps: never traced
         grad = impl_for(logits).logps_bwd(logits, local, lse, grad_logp, entropy=entropy,
-                                          grad_entropy=grad_entropy, inplace=ctx.inplace, **ctx.kw)  # fmt: skip
+                                          grad_entropy=grad_entropy, inplace=inplace, **ctx.kw)  # fmt: skip
         return (grad,) + (None,) * 5
 
 
