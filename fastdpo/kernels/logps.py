@@ -209,6 +209,9 @@ def _logps_fwd_kernel(
     row_ptr = logits_ptr + n * stride_logits_n + t * stride_logits_t
     logp_out = logp_ptr + row
     stats_out = stats_ptr + row  # channel k at + k * n_rows
+    # lse [grid axis 1, 2, n_rows]: every program stores, unmasked and unbranched (Triton 3.2's interpreter ignored a
+    # scalar store's mask; a branch made Triton 3.6 spill at sm_90a)
+    lse_out = lse_ptr + which * 2 * n_rows + row
     if which == 1:
         row_ptr = ref_logits_ptr + n * stride_ref_n + t * stride_ref_t
         logp_out = ref_logp_ptr + row
@@ -219,8 +222,8 @@ def _logps_fwd_kernel(
     if not scored:  # the launcher zero-fills the statistics
         if PHASE != CHUNK_PARTIALS:
             tl.store(logp_out, 0.0)
-            tl.store(lse_ptr + row, 0.0, mask=which == 0)
-            tl.store(lse_ptr + n_rows + row, 0.0, mask=which == 0)
+            tl.store(lse_out, 0.0)
+            tl.store(lse_out + n_rows, 0.0)
         return
 
     # partials [6, n_chunks, grid axis 1, n_rows]: statistic k of chunk c at + k * stride_stat + c * stride_chunk
@@ -288,8 +291,8 @@ def _logps_fwd_kernel(
     x_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(tl.float32)
     z_label, _ = _transformed(x_label, logit_scale, softcap, inv_temperature, SOFTCAP)
     tl.store(logp_out, (z_label - m_i) - log_l)
-    tl.store(lse_ptr + row, m_i, mask=which == 0)  # only the policy's backward needs it
-    tl.store(lse_ptr + n_rows + row, log_l, mask=which == 0)
+    tl.store(lse_out, m_i)  # the policy's for its backward; the reference's go to a block nobody reads
+    tl.store(lse_out + n_rows, log_l)
     if COMPUTE_ENTROPY:
         tl.store(stats_out, log_l - h_i / l_i)
     if COMPUTE_SUM_SQ:
@@ -447,7 +450,7 @@ def logps_fwd(
     rows = dict(dtype=torch.float32, device=logits.device)
     out = LogpsForward(
         logp=torch.empty((N, T_rows), **rows),
-        lse=torch.empty((2, N, T_rows), **rows),
+        lse=torch.empty((1 + has_ref, 2, N, T_rows), **rows)[0],  # the reference's (second) block is never read
         stats=torch.zeros((len(STATS), N, T_rows), **rows) if stats else None,
         ref_logp=torch.empty((N, T_rows), **rows) if has_ref else None,
         ref_stats=torch.zeros((len(STATS), N, T_rows), **rows) if stats and has_ref else None,

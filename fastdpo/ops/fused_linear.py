@@ -28,7 +28,7 @@ A ZeRO-3 partitioned weight (DeepSpeed) is gathered for the forward and again fo
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -220,7 +220,7 @@ def _fused_linear_logps_backward_op(
     softcap: Optional[float],
     tile_elements: Optional[int],
     matmul_dtype: torch.dtype,
-    needs_grad: list[bool],
+    needs_grad: List[bool],  # typing.List: torch 2.6's schema inference knows no list[bool]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dhidden, dweight, dbias) in the inputs' dtypes; an empty tensor for each one not needed."""
     need_h, need_w, need_b = needs_grad
