@@ -10,7 +10,6 @@ from fastdpo._testing import make_labels, make_logits, spawn_group
 from fastdpo.ops import fused_linear as fused_op
 from fastdpo.ops import logps as logps_op
 
-
 # torch.compile is supported from torch 2.11 (CI: 2.11 and 2.13; by hand: 2.15). torch 2.6's Dynamo cannot trace
 # the loss's output (a NamedTuple holding the metrics dict); 2.7 to 2.10 are untested.
 if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 11):
