@@ -114,8 +114,11 @@ def resolve_positions(positions: torch.Tensor | None, T_local: int, group, devic
 def _check_positions(positions: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     T_local = tensor.shape[1]
     is_tensor = isinstance(positions, torch.Tensor)
-    if not is_tensor or positions.dtype.is_floating_point or positions.dtype == torch.bool or \
-            tuple(positions.shape) not in ((T_local,), (1, T_local)):  # fmt: skip
+    # an empty share may come as torch.tensor([]), whose dtype is float32: refusing it on that rank alone would leave
+    # the others waiting in the collectives
+    wrong_dtype = is_tensor and positions.numel() > 0 and (positions.dtype.is_floating_point or
+                                                            positions.dtype == torch.bool)  # fmt: skip
+    if not is_tensor or wrong_dtype or tuple(positions.shape) not in ((T_local,), (1, T_local)):
         what = f"{tuple(positions.shape)} {positions.dtype}" if is_tensor else type(positions).__name__
         raise ValueError(f"context_parallel_positions must be an integer tensor of shape ({T_local},) (or (1, "
                          f"{T_local})), the position in the whole row of each of this rank's positions; got {what}")

@@ -74,7 +74,8 @@ def _check_inputs(hidden, weight, bias, labels, *, ndim: int, shift: bool, ignor
         raise TypeError(f"hidden and labels must be tensors, got {type(hidden).__name__} and {type(labels).__name__}")
     shape = "(N, T, D)" if ndim == 3 else "(N, D)"
     # per-token calls may have no rows (TRL passes only the scored rows, and a micro-batch can have none)
-    empty = hidden.shape[-1] == 0 if ndim == 2 else (hidden.numel() == 0 and not context_parallel)
+    empty = hidden.shape[-1] == 0 if ndim == 2 else (hidden.shape[0] == 0 or hidden.shape[-1] == 0
+                                                     or (hidden.shape[1] == 0 and not context_parallel))
     if hidden.ndim != ndim or hidden.dtype not in HIDDEN_DTYPES or empty:
         raise ValueError(f"hidden must be a non-empty {shape} float16/bfloat16/float32 tensor, got shape "
                          f"{tuple(hidden.shape)} and dtype {hidden.dtype}")  # fmt: skip

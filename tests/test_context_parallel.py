@@ -91,21 +91,22 @@ def _positions(layout, cp_rank, cp, T):
             return positions.clone(), True
     if isinstance(layout[0], int):
         return torch.arange(layout[cp_rank], layout[cp_rank + 1]), False
-    return torch.tensor(layout[cp_rank], dtype=torch.long), True
+    return torch.tensor(layout[cp_rank]), True  # an empty list gives a float32 tensor: accepted as no position
 
 
 def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
     os.environ["FASTDPO_BACKEND"] = backend
     cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
     logits, labels, hidden, weight, ref, cu = _inputs(seed, packed=packing is not None)
-    pos, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1])
+    given, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1])
+    pos = given.long()  # for indexing here; the library gets the positions as given
     v0, v1 = V * tp_rank // tp, V * (tp_rank + 1) // tp
     kw = dict(shift=False, return_metrics=True, **loss_kw)
     # the single-device truth scores the collator's labels with shift=True; each rank gets its positions of the
     # shifted labels (fastdpo.shift_labels), boundary tokens included
     truth_kw = dict(kw, shift=True, cu_seq_lens=cu)
     aligned = fastdpo.shift_labels(labels, cu_seq_lens=cu)[:, pos]
-    batch = dict(context_parallel_positions=pos) if explicit else {}
+    batch = dict(context_parallel_positions=given) if explicit else {}
     if packing == "cu_seq_lens":
         batch["cu_seq_lens"] = cu
     elif packing == "position_ids":  # this rank's share of the packed row's position ids
@@ -273,6 +274,11 @@ def test_shard_layouts_agree_to_float32_rounding(cpu_backend, tmp_path):
 
 def test_context_parallel_positions_errors():
     logits, labels = torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.long)
+    # a rank may hold no position, but its hidden states still need rows and a hidden size
+    for hidden, weight, rows in ((torch.randn(2, 4, 0), torch.randn(8, 0), labels),
+                                 (torch.randn(0, 4, 6), torch.randn(8, 6), labels[:0])):  # fmt: skip
+        with pytest.raises(ValueError, match="hidden must be a non-empty"):
+            fastdpo.fused_linear_sequence_logps(hidden, weight, rows, shift=False, context_parallel_group=object())
     with pytest.raises(ValueError, match="context_parallel_positions needs context_parallel_group"):
         fastdpo.dpo_loss(logits, labels, reference_free=True, shift=False, context_parallel_positions=torch.arange(4))
     for bad in (torch.arange(5), torch.arange(4.0), torch.arange(8).view(2, 4)):

@@ -361,6 +361,11 @@ def _argument_errors_worker(rank, world):
     zeros = torch.zeros(4, 5, 30)
     _close(fastdpo.sequence_logps(zeros[..., lo:hi], labels, vocab_parallel_group=group),
            reference.sequence_logps(zeros.double(), labels), "equal constant shards")  # fmt: skip
+    # NaN logits on every rank give NaN log-probs (a NaN guard's job), not the same-values error
+    nan = torch.full((4, 5, 30), float("nan"))
+    assert fastdpo.sequence_logps(nan[..., lo:hi], labels, vocab_parallel_group=group).isnan().all()
+    with pytest.raises(TypeError, match="logits and labels must be tensors"):
+        fastdpo.sequence_logps(logits[..., lo:hi].numpy(), labels, vocab_parallel_group=group)
     with pytest.raises(TypeError, match="vocab_start_index must be an int"):
         fastdpo.sequence_logps(logits[..., lo:hi], labels, vocab_parallel_group=group, vocab_start_index=float(lo))
 

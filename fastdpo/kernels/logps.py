@@ -450,7 +450,8 @@ def logps_fwd(
     rows = dict(dtype=torch.float32, device=logits.device)
     out = LogpsForward(
         logp=torch.empty((N, T_rows), **rows),
-        lse=torch.empty((1 + has_ref, 2, N, T_rows), **rows)[0],  # the reference's (second) block is never read
+        # block 1: the reference's, never read, but held with the policy's until the backward (8 bytes a row)
+        lse=torch.empty((1 + has_ref, 2, N, T_rows), **rows)[0],
         stats=torch.zeros((len(STATS), N, T_rows), **rows) if stats else None,
         ref_logp=torch.empty((N, T_rows), **rows) if has_ref else None,
         ref_stats=torch.zeros((len(STATS), N, T_rows), **rows) if stats and has_ref else None,

@@ -205,9 +205,9 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_):
     if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
         return (None,) * 10
     # in place only where the gradient is a plain value: on real tensors outside any tracing (torch.compile; torch
-    # 2.11's AOTAutograd traces this formula with fake tensors while is_compiling() is False), and not in a backward
-    # that builds a graph (create_graph=True: the overwritten logits would carry the forward's graph into the double
-    # backward)
+    # 2.11's AOTAutograd traces this formula with fake tensors while is_compiling() is False) or dispatch mode (e.g.
+    # FlopCounterMode: out of place there, one more [N, T, V] buffer), and not in a backward that builds a graph
+    # (create_graph=True: the overwritten logits would carry the forward's graph into the double backward)
     if ctx.inplace and not torch.is_grad_enabled() and plain_eager(logits, lse, grad_logp, grad_entropy):
         grad = impl_for(logits).logps_bwd(logits, labels, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
                                           inplace=True, **ctx.kw)  # fmt: skip

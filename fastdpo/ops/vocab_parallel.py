@@ -236,21 +236,23 @@ SAMPLE = 64  # values of a shard compared across ranks (``shard_layout``)
 
 def vocab_sample(shard: torch.Tensor, vocab_dim: int) -> torch.Tensor | None:
     """Up to ``SAMPLE`` values of ``shard`` along its vocab dimension at index 0 of the others (a view: logits
-    ``[..., V_s]`` with ``vocab_dim=-1``, head rows ``[V_s, D]`` with 0); None for an empty shard."""
-    if shard.numel() == 0:
+    ``[..., V_s]`` with ``vocab_dim=-1``, head rows ``[V_s, D]`` with 0); None for an empty shard or a non-tensor
+    (refused by the checks that follow)."""
+    if not isinstance(shard, torch.Tensor) or shard.numel() == 0:
         return None
     along = shard.movedim(vocab_dim, -1)
     return along[(0,) * (along.ndim - 1)][:SAMPLE]
 
 
 def _sample_digest(sample: torch.Tensor | None) -> tuple:
-    """(digest of ``sample``'s float32 bits, whether its values differ), 0-d tensors; (-1, 0) for no sample. Weights
-    1..64 on int32 bit patterns cannot overflow int64; equal samples give equal digests."""
+    """(digest of ``sample``'s float32 bits, whether it is judged), 0-d tensors; (-1, 0) for no sample. Weights
+    1..64 on int32 bit patterns cannot overflow int64; equal samples give equal digests. Judged: finite values not
+    all alike (NaN logits on every rank must give a NaN loss, which a NaN guard can skip, not this error)."""
     if sample is None:
         return -1, 0
     bits = sample.detach().float().view(torch.int32).long()
     weights = torch.arange(1, bits.numel() + 1, device=bits.device)
-    return (bits * weights).sum(), (sample != sample[0]).any()
+    return (bits * weights).sum(), (sample != sample[0]).any() & torch.isfinite(sample).all()
 
 
 def shard_layout(V_local: int, group, start: int | None, device: torch.device | None = None, rows_of=None,
