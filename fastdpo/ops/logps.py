@@ -199,11 +199,18 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_):
+    return (logits_gradient(ctx, grad_logp, grad_entropy),) + (None,) * 9
+
+
+def logits_gradient(ctx, grad_logp, grad_entropy) -> Optional[Tensor]:
+    """dlogits of a log-prob op or Function whose ``ctx`` saved ``(logits, labels, lse, entropy or None)`` (logits its
+    first input) with ``ctx.kw`` (``kernel_kw``) and ``ctx.inplace``; None where no gradient is needed. Shared by
+    ``fastdpo::token_logps`` and the vocab-parallel Function, whose labels are the shard's local ones."""
     logits, labels, lse, entropy = ctx.saved_tensors
     if entropy is None:  # the entropy output is an empty placeholder: any gradient for it is meaningless
         grad_entropy = None
     if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
-        return (None,) * 10
+        return None
     # in place only where the gradient is a plain value: on real tensors outside any tracing (torch.compile; torch
     # 2.11's AOTAutograd traces this formula with fake tensors while is_compiling() is False) or dispatch mode (e.g.
     # FlopCounterMode: out of place there, one more [N, T, V] buffer), and not in a backward that builds a graph
@@ -216,7 +223,7 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy, *_):
         direct = plain_eager(logits, lse, grad_logp, grad_entropy) and not torch.is_grad_enabled()
         backward = _token_logps_backward_impl if direct else _token_logps_backward_op
         grad = backward(logits, labels, lse, grad_logp, entropy, grad_entropy, **ctx.kw)
-    return (grad,) + (None,) * 9
+    return grad
 
 
 def no_double_backward(ctx, *grads):

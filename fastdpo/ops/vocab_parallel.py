@@ -42,10 +42,9 @@ from fastdpo.ops.fused_linear import compute_dtype
 from fastdpo.ops.logps import (
     LogpsOptions,
     TokenOutputs,
-    _token_logps_backward_op,
     impl_for,
     kernel_kw,
-    plain_eager,
+    logits_gradient,
     stats_mask,
 )
 
@@ -149,16 +148,8 @@ class VocabParallelLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_stats):
-        logits, local, lse, entropy = ctx.saved_tensors
-        if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
-            return (None,) * 6
-        if torch.is_grad_enabled():  # create_graph=True: the backward op, whose formula refuses a double backward
-            grad = _token_logps_backward_op(logits, local, lse, grad_logp, entropy, grad_entropy, **ctx.kw)
-            return (grad,) + (None,) * 5
-        inplace = ctx.inplace and plain_eager(logits, lse, grad_logp, grad_entropy)  # as ops.logps: never traced
-        grad = impl_for(logits).logps_bwd(logits, local, lse, grad_logp, entropy=entropy,
-                                          grad_entropy=grad_entropy, inplace=inplace, **ctx.kw)  # fmt: skip
-        return (grad,) + (None,) * 5
+        # the shard's gradient with the global (m, log l), exactly as on one device (in place, traced or not)
+        return (logits_gradient(ctx, grad_logp, grad_entropy),) + (None,) * 5
 
 
 class VocabParallelFusedLinear(torch.autograd.Function):
@@ -266,10 +257,9 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
     e.g. the whole logits with the default offsets: they tile ``[0, world * V)`` and every log-prob would come out
     low by log(world); values equal on every rank and not all alike within the sample are refused (shards of a real
     head differ; a constant sample, e.g. a zero-initialised head, is not judged). Default ``start``: equal
-    contiguous shards in rank order. Every call checks (a rank
-    that skipped the collective because its own shard did not change would hang the others); a DTensor carries its
-    layout and needs no check (``from_dtensor``, ``head_from_dtensor``). Every rank sees the same gathered values,
-    so every rank raises alike.
+    contiguous shards in rank order. Every call checks (a rank that skipped the collective because its own shard did
+    not change would hang the others); a DTensor carries its layout and needs no check (``from_dtensor``,
+    ``head_from_dtensor``). Every rank sees the same gathered values, so every rank raises alike.
 
     Under ``torch.compile`` the layout is not checked (a graph cannot branch on gathered values; the other value
     checks are skipped there too): V is ``world * V_local`` for the default shards, else a 0-d tensor, the sum of
