@@ -59,6 +59,15 @@ def check_logits_labels(
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
+def empty_share_as_ids(ids, context_parallel: bool):
+    """A context-parallel rank holding no position may build its empty share of ids (labels, ``position_ids``,
+    ``context_parallel_positions``) by hand, and ``torch.empty((N, 0))`` or ``torch.tensor([])`` is float32:
+    refusing it on that rank alone would leave the others waiting in the collectives, so it is read as int64.
+    Anything else is returned as given, for the usual checks."""
+    empty_float = isinstance(ids, torch.Tensor) and ids.numel() == 0 and ids.dtype.is_floating_point
+    return ids.long() if context_parallel and empty_float else ids
+
+
 def check_label_dtype(name: str, labels: torch.Tensor) -> None:
     """Token ids are int64 (as tokenizers and TRL's collators give them) or int32; narrower integers are refused
     rather than widened, since a vocabulary of > 127 (or 32767) ids does not fit them."""

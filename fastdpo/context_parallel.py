@@ -113,11 +113,9 @@ def resolve_positions(positions: torch.Tensor | None, T_local: int, group, devic
 
 def _check_positions(positions: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     T_local = tensor.shape[1]
+    positions = _validation.empty_share_as_ids(positions, context_parallel=True)
     is_tensor = isinstance(positions, torch.Tensor)
-    # an empty share may come as torch.tensor([]), whose dtype is float32: refusing it on that rank alone would leave
-    # the others waiting in the collectives
-    wrong_dtype = is_tensor and positions.numel() > 0 and (positions.dtype.is_floating_point or
-                                                            positions.dtype == torch.bool)  # fmt: skip
+    wrong_dtype = is_tensor and (positions.dtype.is_floating_point or positions.dtype == torch.bool)
     if not is_tensor or wrong_dtype or tuple(positions.shape) not in ((T_local,), (1, T_local)):
         what = f"{tuple(positions.shape)} {positions.dtype}" if is_tensor else type(positions).__name__
         raise ValueError(f"context_parallel_positions must be an integer tensor of shape ({T_local},) (or (1, "
@@ -148,6 +146,7 @@ def make_layout(tensor: torch.Tensor, labels: torch.Tensor, *, group, cu_seq_len
         return ContextParallelLayout(labels, group=group, positions=positions)
     positions, total = resolve_positions(positions, tensor.shape[1], group, tensor.device)
     if position_ids is not None:
+        position_ids = _validation.empty_share_as_ids(position_ids, context_parallel=True)
         _validation.check_position_ids(position_ids, tensor, name=name, what="this rank's share: ")
         position_ids = _whole_rows(position_ids.long(), positions, total, group)
     cu_seq_lens = _validation.check_packing(tensor, cu_seq_lens, position_ids, name=name, total_T=total)

@@ -181,6 +181,7 @@ def sequence_logps(
     this rank's positions, contiguous slices in rank order or ``context_parallel_positions`` ``[T_r]``; packed
     batches give the whole row's ``cu_seq_lens`` (``fastdpo.context_parallel``). The result is replicated.
     """
+    labels = _validation.empty_share_as_ids(labels, context_parallel_group is not None)
     logits, _, vocab_parallel = _vocab_shard(logits, None, vocab_parallel_group, vocab_start_index, labels)
     _validation.check_logits_labels(logits, labels, shift=shift, temperature=temperature, ignore_index=ignore_index,
                                     label_vocab=_global_vocab(vocab_parallel),
@@ -244,6 +245,7 @@ def dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
         discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
     )  # fmt: skip
+    labels = _validation.empty_share_as_ids(labels, context_parallel_group is not None)
     logits, ref_logits, vocab_parallel = _vocab_shard(
         logits, ref_logits, vocab_parallel_group, vocab_start_index, labels
     )

@@ -254,6 +254,7 @@ def fused_linear_sequence_logps(
     """``fastdpo.sequence_logps`` of ``f(hidden @ weight.T + bias)``: hidden ``[N, T, D]`` -> ``[S]`` float32.
 
     Under ``torch.no_grad()`` (a reference model) it is one forward pass over tiles of scored tokens."""
+    labels = _validation.empty_share_as_ids(labels, context_parallel_group is not None)
     weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
                   vocab_parallel=vocab_parallel, context_parallel=context_parallel_group is not None)  # fmt: skip
@@ -325,6 +326,7 @@ def fused_linear_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
         discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
     )  # fmt: skip
+    labels = _validation.empty_share_as_ids(labels, context_parallel_group is not None)
     weight, bias, vocab_parallel = _lm_head(weight, bias, vocab_parallel_group, vocab_start_index, hidden, labels)
     _check_inputs(hidden, weight, bias, labels, ndim=3, shift=shift, ignore_index=ignore_index,
                   vocab_parallel=vocab_parallel, context_parallel=context_parallel_group is not None)  # fmt: skip

@@ -111,6 +111,9 @@ def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
         batch["cu_seq_lens"] = cu
     elif packing == "position_ids":  # this rank's share of the packed row's position ids
         batch["position_ids"] = torch.cat([torch.arange(n) for n in LENGTHS])[None, pos]
+    if pos.numel() == 0:  # a rank with no position may build its empty shares by hand: torch.empty gives float32
+        aligned = torch.empty(aligned.shape)
+        batch.update({k: torch.empty(v.shape) for k, v in batch.items() if k != "cu_seq_lens"})
     vocab = dict(vocab_parallel_group=tp_group) if tp_group is not None else {}
 
     x = logits[:, pos, v0:v1].clone().requires_grad_()
