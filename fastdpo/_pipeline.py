@@ -123,7 +123,8 @@ def preference(
     )
     out = preference_loss(terms, cfg)
     if return_metrics:
-        out = out._replace(metrics=_metrics(out, tok, layout, n_scored, by_pair))
+        # neither out._replace(...) nor out[:-1]: torch 2.8's Dynamo traces neither
+        out = DPOOutput(*list(out)[:-1], metrics=_metrics(out, tok, layout, n_scored, by_pair))
     return out
 
 

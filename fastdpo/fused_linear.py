@@ -17,7 +17,6 @@ over the vocabulary for tensor parallelism (``vocab_parallel_group``) is not gat
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -148,7 +147,7 @@ def hidden_source(hidden, weight, bias, options: FusedLinearOptions, *, shift: b
     N, T, D = hidden.shape
 
     def per_token(h, w, b, targets, stats):
-        call_options = dataclasses.replace(options, stats=stats)
+        call_options = options.with_stats(stats)
         logp, entropy, stat = _project(h.reshape(N * T, D), w, b, targets, call_options, vocab_parallel)
         rows = slice(0, T - int(shift))
         return (logp.view(N, T)[:, rows], None if entropy is None else entropy.view(N, T)[:, rows],

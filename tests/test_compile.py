@@ -10,10 +10,9 @@ from fastdpo._testing import make_labels, make_logits, spawn_group
 from fastdpo.ops import fused_linear as fused_op
 from fastdpo.ops import logps as logps_op
 
-# torch.compile is supported from torch 2.11 (CI: 2.11 and 2.13; by hand: 2.15). torch 2.6's Dynamo cannot trace
-# the loss's output (a NamedTuple holding the metrics dict); 2.7 to 2.10 are untested.
-if tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 11):
-    pytest.skip("torch.compile support starts at torch 2.11", allow_module_level=True)
+# CI runs these on torch 2.11 and 2.13; by hand they passed on 2.7.1, 2.8.0, 2.9.1, 2.10.0 and 2.15 too, and on 2.6
+# but for the vocab-parallel case below
+TORCH = tuple(int(p) for p in torch.__version__.split(".")[:2])
 
 
 @pytest.fixture(autouse=True)
@@ -174,4 +173,7 @@ def test_vocab_and_context_parallel_compile_fullgraph(tmp_path):
     """The vocab-parallel (logits and fused-linear) and padded context-parallel paths compile with ``fullgraph=True``
     on 2 gloo ranks and match eager (under compile the shard layout is not checked, so no host sync breaks the
     graph); packed context parallelism with LD-DPO compiles with graph breaks and matches eager."""
+    if TORCH < (2, 7):
+        pytest.skip("torch 2.6's Dynamo fails on an autograd.Function returning None (the vocab-parallel Functions "
+                    "without statistics)")  # fmt: skip
     spawn_group(2, tmp_path, _distributed_worker)

@@ -292,3 +292,15 @@ def test_autocast_and_strided_hidden(cpu_backend):
     truth, _ = _run(reference.fused_linear_sequence_logps, rounded, labels)
     assert torch.allclose(out.double(), truth, rtol=1e-5, atol=1e-3)
     assert all(g.dtype == torch.float32 for g in grads) and grads[0].shape == hidden.shape
+
+
+def test_options_with_stats_keeps_every_other_field():
+    """``with_stats`` (a ``dataclasses.replace`` that torch 2.6's Dynamo can trace) copies every field it does not
+    change: each field is given a value other than its default, so a field added and not copied fails here."""
+    import dataclasses
+
+    changed = dict(ignore_index=-1, temperature=0.5, logit_scale=2.0, softcap=30.0, stats=("entropy",),
+                   tile_elements=4096)  # fmt: skip
+    assert set(changed) == {f.name for f in dataclasses.fields(fused_op.FusedLinearOptions)}
+    options = fused_op.FusedLinearOptions(**changed)
+    assert options.with_stats(("is_top1",)) == dataclasses.replace(options, stats=("is_top1",))

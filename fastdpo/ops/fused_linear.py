@@ -59,6 +59,12 @@ class FusedLinearOptions:
     stats: tuple = ()  # names from fastdpo._logps_outputs.STATS
     tile_elements: Optional[int] = None  # None: CUDA_TILE_ELEMENTS on CUDA, CPU_TILE_ELEMENTS elsewhere
 
+    def with_stats(self, stats: tuple) -> "FusedLinearOptions":
+        """These options asking for ``stats`` (not ``dataclasses.replace``: torch 2.6's Dynamo cannot trace it)."""
+        return FusedLinearOptions(ignore_index=self.ignore_index, temperature=self.temperature,
+                                  logit_scale=self.logit_scale, softcap=self.softcap, stats=stats,
+                                  tile_elements=self.tile_elements)  # fmt: skip
+
 
 def tile_rows(V: int, device: torch.device, tile_elements: Optional[int]) -> tuple[int, int]:
     """(scored rows per tile, rows per forward GEMM). The GEMM height is the device's (``CUDA_GEMM_ROWS``), or the

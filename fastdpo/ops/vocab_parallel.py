@@ -35,8 +35,9 @@ import operator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
-from fastdpo._collectives import collective_device, gather_ints
+from fastdpo._collectives import gather_ints
 from fastdpo._logps_outputs import STATS
 from fastdpo.ops.fused_linear import compute_dtype
 from fastdpo.ops.logps import (
@@ -271,9 +272,9 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
     if torch.compiler.is_compiling():
         if default:
             return start, world * V_local
-        V_total = torch.tensor(V_local, dtype=torch.float32, device=collective_device(group, device))
-        dist.all_reduce(V_total, group=group)
-        return start, V_total
+        # a functional collective: torch 2.10's Dynamo cannot trace dist.get_backend (which collective_device asks)
+        V_local = torch.tensor(V_local, dtype=torch.float32, device=device)
+        return start, funcol.wait_tensor(funcol.all_reduce(V_local, "sum", group))
     try:
         start = operator.index(start)
     except TypeError:
