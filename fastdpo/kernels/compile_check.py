@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import itertools
 import json
 import os
@@ -95,11 +96,18 @@ def make_source(kernel, dtype: str, cfg, aligned: bool, variant: str = "plain", 
 
 
 def ast_source(kernel, sig: dict, consts: dict, attrs: dict | None = None) -> ASTSource:
+    attrs = attrs or {}
+    if "constexprs" not in inspect.signature(ASTSource).parameters:  # Triton 3.2: constants, an AttrsDescriptor
+        from triton.backends.compiler import AttrsDescriptor
+
+        divisible = [i for (i,), hints in attrs.items() if ["tt.divisibility", 16] in hints]
+        return ASTSource(kernel, sig, constants=consts, attrs=AttrsDescriptor.from_dict(
+            {"cls": AttrsDescriptor.__name__, "arg_properties": {"tt.divisibility": divisible}}))  # fmt: skip
     try:  # Triton >= 3.3 maps constexpr names to argument paths itself
-        return ASTSource(kernel, sig, constexprs=consts, attrs=attrs or {})
+        return ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
     except (AssertionError, TypeError, ValueError):  # otherwise key them by path, (index,)
         return ASTSource(kernel, sig, constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()},
-                         attrs=attrs or {})  # fmt: skip
+                         attrs=attrs)  # fmt: skip
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
