@@ -2,7 +2,8 @@
 aligned, ``shift=False``), padded rows or one packed row whose sequences cross slices; per-sequence sums all-reduced
 inside the graph. Loss and metrics equal the unsharded float64 reference on every rank and each rank's gradient is
 its slice of the unsharded one: logits path and fused-linear path, CP alone (2 and 4 ranks, uneven slices) and
-CP x TP on a 2 x 2 grid, LD-DPO (a token's rank counts the scored tokens of the slices before it) and WPO."""
+CP x TP on a 2 x 2 grid (process groups, or torchtitan's 2-D DeviceMesh with DTensor vocab shards), LD-DPO (a
+token's rank counts the scored tokens of the slices before it) and WPO."""
 
 import os
 
@@ -77,16 +78,25 @@ def _groups(rank, world, tp):
     return cp_groups[tp_rank], tp_groups[cp_rank] if tp > 1 else None, cp_rank, tp_rank
 
 
-def _positions(layout, cp_rank, cp, T):
+def _mesh_groups(rank, world, tp):
+    """The DTensor form of ``_groups``: a 2-D ("cp", "tp") mesh, as torchtitan builds it; (CP mesh, TP mesh, CP rank,
+    TP rank), each 1-D mesh standing for its group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("cp", "tp"))
+    return mesh["cp"], mesh["tp"], rank // tp, rank % tp
+
+
+def _positions(layout, cp_rank, cp, T, cp_mesh=None):
     """(this CP rank's positions, whether to pass them): contiguous ``[bounds]`` in rank order (the default layout),
-    ``"torch"``: what torch's load-balanced ``context_parallel`` gives this rank (a sharded ``arange``), or explicit
-    per-rank position lists."""
+    ``"torch"``: what torch's load-balanced ``context_parallel`` gives this rank (a sharded ``arange``) on
+    ``cp_mesh`` (default: a 1-D mesh of the world), or explicit per-rank position lists."""
     if layout == "torch":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
 
         positions = torch.arange(T)
-        with context_parallel(init_device_mesh("cpu", (cp,)), buffers=[positions], buffer_seq_dims=[0],
+        with context_parallel(cp_mesh or init_device_mesh("cpu", (cp,)), buffers=[positions], buffer_seq_dims=[0],
                               no_restore_buffers={positions}):  # fmt: skip
             return positions.clone(), True
     if isinstance(layout[0], int):
@@ -94,11 +104,16 @@ def _positions(layout, cp_rank, cp, T):
     return torch.tensor(layout[cp_rank]), True  # an empty list gives a float32 tensor: accepted as no position
 
 
-def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
+def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw, api="groups"):
+    """``api``: "groups" passes process groups and plain shards; "dtensor" passes DeviceMeshes (a 2-D one's "cp"
+    and "tp" dimensions), the logits' and the head's vocab shards as DTensors on the "tp" mesh."""
     os.environ["FASTDPO_BACKEND"] = backend
-    cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
+    if api == "dtensor":
+        cp_group, tp_group, cp_rank, tp_rank = _mesh_groups(rank, world, tp)
+    else:
+        cp_group, tp_group, cp_rank, tp_rank = _groups(rank, world, tp)
     logits, labels, hidden, weight, ref, cu = _inputs(seed, packed=packing is not None)
-    given, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1])
+    given, explicit = _positions(layout, cp_rank, world // tp, logits.shape[1], cp_group if api == "dtensor" else None)
     pos = given.long()  # for indexing here; the library gets the positions as given
     v0, v1 = V * tp_rank // tp, V * (tp_rank + 1) // tp
     kw = dict(shift=False, return_metrics=True, **loss_kw)
@@ -117,8 +132,15 @@ def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
     vocab = dict(vocab_parallel_group=tp_group) if tp_group is not None else {}
 
     x = logits[:, pos, v0:v1].clone().requires_grad_()
+    logits_in = x
+    if api == "dtensor":  # what a loss-parallel lm_head gives (ColwiseParallel, Shard(-1), use_local_output=False)
+        from torch.distributed.tensor import DTensor, Shard
+
+        logits_in = DTensor.from_local(x, tp_group, [Shard(2)], run_check=False, shape=(*x.shape[:2], V),
+                                       stride=(x.shape[1] * V, V, 1))  # fmt: skip
+        vocab = {}  # the DTensor carries its group and offsets
     loss_module = fastdpo.DPOLoss(context_parallel_group=cp_group, **vocab, **kw)
-    out = loss_module(x, aligned, *ref, **batch)
+    out = loss_module(logits_in, aligned, *ref, **batch)
     kw.update(batch)
     out.loss.backward()
     full = logits.double().requires_grad_()
@@ -127,7 +149,7 @@ def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
     _check(out, truth, x.grad, full.grad[:, pos, v0:v1], "logits")
 
     seq_kw = {k: v for k, v in kw.items() if k in ("shift", "ld_alpha", *batch)}
-    seq = fastdpo.sequence_logps(logits[:, pos, v0:v1], aligned, context_parallel_group=cp_group, **vocab,
+    seq = fastdpo.sequence_logps(logits_in.detach(), aligned, context_parallel_group=cp_group, **vocab,
                                  **seq_kw)  # fmt: skip
     want = _float64_sequence_logps(logits, labels, cu_seq_lens=cu, ld_alpha=kw.get("ld_alpha"))
     _close(seq, want, "sequence_logps")
@@ -135,12 +157,17 @@ def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
     # fused-linear path: each rank projects its own positions through its rows of the head
     h = hidden[:, pos].clone().requires_grad_()
     w = weight[v0:v1].clone().requires_grad_()
+    if api == "dtensor":  # ColwiseParallel's lm_head.weight: Shard(0) on the "tp" mesh, passed with that mesh
+        head = DTensor.from_local(w, tp_group, [Shard(0)], run_check=False, shape=(V, D), stride=(D, 1))
+        vocab = dict(vocab_parallel_group=tp_group)
+    else:
+        head = w
     if packing is None:
-        out = fastdpo.fused_linear_dpo_loss(h, w, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
+        out = fastdpo.fused_linear_dpo_loss(h, head, aligned, *ref, context_parallel_group=cp_group, **vocab, **kw)
     else:  # the module, the per-batch tensors given to forward
         config = {k: v for k, v in kw.items() if k not in batch}
         module = fastdpo.FusedLinearDPOLoss(context_parallel_group=cp_group, **vocab, **config)
-        out = module(h, w, aligned, *ref, **batch)
+        out = module(h, head, aligned, *ref, **batch)
     out.loss.backward()
     hf, wf = hidden.double().requires_grad_(), weight.double().requires_grad_()
     truth = reference.fused_linear_dpo_loss(hf, wf, labels, *ref.double(), **truth_kw)
@@ -148,7 +175,7 @@ def _worker(rank, world, seed, tp, layout, packing, backend, loss_kw):
     _check(out, truth, h.grad, hf.grad[:, pos], "fused")
     # the head is replicated over CP: each rank holds its positions' share of its rows' dW; the sum is the full
     # gradient of those rows
-    dist.all_reduce(w.grad, group=cp_group)
+    dist.all_reduce(w.grad, group=cp_group if api == "groups" else cp_group.get_group())
     _close(w.grad, wf.grad[v0:v1], "fused dW (summed over CP ranks)", atol=1e-5 * float(wf.grad.abs().max()))
 
 
@@ -179,16 +206,21 @@ CASES = {
     "cp3-packed-scattered-empty-rank-ld-torch": (3, 1, SCATTERED_WITH_EMPTY, "cu_seq_lens", "torch",
                                                  dict(beta=0.5, **LD)),
     "cp2xtp2-empty-rank-ld-triton": (4, 2, [0, T_PADDED, T_PADDED], None, "triton", dict(beta=0.3, **LD)),
+    # torchtitan's layout: a 2-D ("cp", "tp") mesh, torch's load-balanced CP on mesh["cp"], the logits a DTensor
+    # vocab shard on mesh["tp"] (loss parallel), the head a Shard(0) DTensor
+    "cp2xtp2-mesh-dtensor-torchlayout-packed-ld-torch": (4, 2, "torch", "position_ids", "torch",
+                                                         dict(beta=0.3, **LD), "dtensor"),
+    "cp2xtp2-mesh-dtensor-torchlayout-triton": (4, 2, "torch", None, "triton", dict(beta=0.3), "dtensor"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_context_parallel_matches_unsharded(case, tmp_path):
-    world, tp, layout, packing, backend, loss_kw = CASES[case]
+    world, tp, layout, packing, backend, loss_kw, *api = CASES[case]
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors through Triton need TRITON_INTERPRET=1 (set where no GPU is)")
     seed = int(torch.randint(2**31, ()))  # fresh inputs each run, replayable with FASTDPO_TEST_SEED
-    spawn_group(world, tmp_path, _worker, seed, tp, layout, packing, backend, loss_kw)
+    spawn_group(world, tmp_path, _worker, seed, tp, layout, packing, backend, loss_kw, *api)
 
 
 def test_shift_labels_equals_shift():

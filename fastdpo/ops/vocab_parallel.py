@@ -273,8 +273,8 @@ def shard_layout(V_local: int, group, start: int | None, device: torch.device | 
         if default:
             return start, world * V_local
         # a functional collective: torch 2.10's Dynamo cannot trace dist.get_backend (which collective_device asks)
-        V_local = torch.tensor(V_local, dtype=torch.float32, device=device)
-        return start, funcol.wait_tensor(funcol.all_reduce(V_local, "sum", group))
+        shard_size = torch.tensor(V_local, dtype=torch.float32, device=device)
+        return start, funcol.wait_tensor(funcol.all_reduce(shard_size, "sum", group))
     try:
         start = operator.index(start)
     except TypeError:
