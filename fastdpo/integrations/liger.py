@@ -67,19 +67,20 @@ def liger_fused_linear_dpo(
     )  # fmt: skip
     out = preference_loss(terms, cfg)
     nll = -(terms.sft_numerator / terms.sft_denominator).detach() if compute_nll_loss else out.loss.new_zeros(())
-    chosen_mean, rejected_mean = (_logits_mean(_input[half], weight, bias) for half in (slice(0, B), slice(B, None)))
+    chosen_mean, rejected_mean = _logits_means(_input, weight, bias, B)
     return out.loss, (out.chosen_logps.detach(), out.rejected_logps.detach(), chosen_mean, rejected_mean, nll,
                       out.chosen_rewards, out.rejected_rewards)  # fmt: skip
 
 
-def _logits_mean(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``hidden @ weight.T + bias`` over every row and vocab entry, without the logits (see above)."""
+def _logits_means(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, B: int):
+    """Means of ``hidden @ weight.T + bias`` over every row and vocab entry of the chosen ``[:B]`` and the rejected
+    ``[B:]`` halves, without the logits (see above); the head is summed once for both."""
     with torch.no_grad():
-        rows = hidden.shape[0] * hidden.shape[1]
-        total = hidden.sum((0, 1), dtype=torch.float64) @ weight.sum(0, dtype=torch.float64)  # no float64 copies
-        if bias is not None:
-            total = total + rows * bias.sum(dtype=torch.float64)
-        return (total / (rows * weight.shape[0])).to(torch.float32)
+        rows = B * hidden.shape[1]
+        w_sum = weight.sum(0, dtype=torch.float64)  # no float64 copies of the head or the hidden states
+        b_total = 0.0 if bias is None else rows * bias.sum(dtype=torch.float64)
+        return tuple(((half.sum((0, 1), dtype=torch.float64) @ w_sum + b_total) / (rows * weight.shape[0]))
+                     .to(torch.float32) for half in (hidden[:B], hidden[B:]))  # fmt: skip
 
 
 class LigerFusedLinearDPOLoss(nn.Module):
